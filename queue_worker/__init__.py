@@ -1,0 +1,6 @@
+"""The worker daemon and the channel adapters it delivers through."""
+
+from .adapters import Adapter, AdapterRegistry, DeliveryResult, DeliveryTarget
+from .worker import ClaimedJob, Worker
+
+__all__ = ["Adapter", "AdapterRegistry", "ClaimedJob", "DeliveryResult", "DeliveryTarget", "Worker"]

@@ -1,0 +1,106 @@
+"""The adapter interface: turn a content item into a channel's payload, then deliver it."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+from uuid import UUID
+
+from markdown_it import MarkdownIt
+from pydantic import BaseModel
+
+from wordclaw_mcp.models import ContentItem, TransformPolicy
+
+_markdown = MarkdownIt("commonmark")
+
+
+@dataclass(frozen=True)
+class DeliveryTarget:
+    """What an adapter knows about where it delivers. ``secrets`` are decrypted for this call only."""
+
+    id: UUID
+    name: str
+    config: Mapping[str, Any]
+    secrets: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    """One attempt's outcome. ``retryable`` failures are retried; others fail the job."""
+
+    succeeded: bool
+    status_code: int | None = None
+    external_url: str | None = None
+    error: str | None = None
+    retryable: bool = False
+    retry_after: float | None = None
+    raw_meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AdapterOptions:
+    allow_private_targets: bool = False
+    timeout: float = 15.0
+
+
+class Adapter(ABC):
+    """A channel. Subclasses set ``channel_type`` and ``config_model`` and implement the two methods.
+
+    ``secrets_model`` names the write-only credentials the channel accepts, if any.
+    """
+
+    channel_type: ClassVar[str]
+    config_model: ClassVar[type[BaseModel]]
+    secrets_model: ClassVar[type[BaseModel] | None] = None
+
+    def __init__(self, options: AdapterOptions | None = None) -> None:
+        self.options = options or AdapterOptions()
+
+    async def check_target(self, config: BaseModel) -> None:  # noqa: B027 - optional hook
+        """Refuse a target at registration, beyond what ``config_model`` validates."""
+
+    @abstractmethod
+    def transform(self, content: ContentItem, policy: TransformPolicy) -> dict[str, Any]:
+        """The payload for this channel. It is snapshotted when the job is queued."""
+
+    @abstractmethod
+    async def deliver(self, payload: dict[str, Any], target: DeliveryTarget, *, message_id: str) -> DeliveryResult:
+        """Send one attempt. ``message_id`` is stable across retries of the same job."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+
+def render_body(content: ContentItem, policy: TransformPolicy) -> str:
+    body = truncate(content.body, policy.max_length) if policy.max_length else content.body
+    return _markdown.render(body) if policy.body_format == "html" else body
+
+
+def truncate(text: str, limit: int, ellipsis: str = "…") -> str:
+    if len(text) <= limit:
+        return text
+    cut = text[: max(limit - len(ellipsis), 0)]
+    # Break at a word boundary unless that throws away most of the allowance.
+    space = cut.rfind(" ")
+    if space >= limit // 2:
+        cut = cut[:space]
+    return cut.rstrip() + ellipsis
+
+
+def render_content(content: ContentItem, policy: TransformPolicy) -> dict[str, Any]:
+    """The channel-neutral rendering every adapter starts from."""
+    rendered: dict[str, Any] = {
+        "contentItemId": str(content.id),
+        "version": content.version,
+        "title": content.title,
+        "summary": content.summary,
+        "canonicalUrl": content.canonical_url,
+    }
+    if policy.include_body:
+        rendered["body"] = render_body(content, policy)
+        rendered["bodyFormat"] = policy.body_format
+    if policy.include_metadata:
+        rendered["metadata"] = content.metadata
+    return rendered

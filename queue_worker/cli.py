@@ -1,0 +1,55 @@
+"""``wordclaw-worker``: drain the queue until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from dataclasses import replace
+
+import anyio
+
+from wordclaw_mcp.config import Settings
+from wordclaw_mcp.errors import DistributionError
+
+from .worker import Worker
+
+
+async def serve(settings: Settings) -> None:
+    async with Worker.open(settings) as worker, anyio.create_task_group() as tg:
+        tg.start_soon(_stop_on_signal, worker)
+        await worker.run()
+        tg.cancel_scope.cancel()
+
+
+async def _stop_on_signal(worker: Worker) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            logging.getLogger(__name__).info(
+                "%s: finishing in-flight deliveries, then stopping", signal.Signals(signum).name
+            )
+            worker.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="wordclaw-worker", description=__doc__)
+    parser.add_argument("--concurrency", type=int, help="deliveries in flight at once")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    settings = Settings.from_env()
+    if args.concurrency:
+        settings = replace(settings, worker_concurrency=args.concurrency)
+    try:
+        anyio.run(serve, settings)
+    except DistributionError as exc:
+        print(f"wordclaw-worker: {exc.code}: {exc.message} {exc.remediation}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

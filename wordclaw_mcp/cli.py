@@ -1,0 +1,114 @@
+"""``wordclaw`` (operator commands) and ``wordclaw-mcp`` (the MCP server)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import replace
+
+import anyio
+
+from .config import Settings
+from .database import apply_schema, create_pool, resolve_url
+from .errors import DistributionError
+
+
+def _logging(level: str = "INFO") -> None:
+    # stdout carries the MCP protocol over stdio: everything human goes to stderr.
+    logging.basicConfig(
+        level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def _fail(prog: str, exc: DistributionError) -> int:
+    print(f"{prog}: {exc.code}: {exc.message} {exc.remediation}", file=sys.stderr)
+    return 2
+
+
+async def upgrade(settings: Settings, *, force: bool = False) -> tuple[str, int]:
+    url = await resolve_url(settings)
+    pool = await create_pool(url, max_size=1)
+    try:
+        async with pool.acquire() as conn:
+            return url, await apply_schema(conn, force=force)
+    finally:
+        await pool.close()
+
+
+def mcp_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="wordclaw-mcp", description="Serve the WordClaw MCP tools.")
+    parser.add_argument("--transport", choices=["stdio", "streamable-http"], default="stdio")
+    parser.add_argument("--host", default="127.0.0.1", help="for streamable-http")
+    parser.add_argument("--port", type=int, default=8765, help="for streamable-http")
+    worker = parser.add_mutually_exclusive_group()
+    worker.add_argument(
+        "--with-worker",
+        dest="run_worker",
+        action="store_true",
+        default=None,
+        help="deliver from this process (default when the database is embedded)",
+    )
+    worker.add_argument(
+        "--no-worker",
+        dest="run_worker",
+        action="store_false",
+        help="leave delivery to separate wordclaw-worker processes",
+    )
+    parser.add_argument("--log-level", default="WARNING")
+    args = parser.parse_args(argv)
+    _logging(args.log_level)
+    settings = Settings.from_env()
+    if args.run_worker is not None:
+        settings = replace(settings, run_worker=args.run_worker)
+    try:
+        # Fail before serving, with one line, rather than from inside the protocol loop.
+        anyio.run(upgrade, settings)
+    except DistributionError as exc:
+        return _fail("wordclaw-mcp", exc)
+
+    from .server import build_server
+
+    server = build_server(settings)
+    if args.transport == "stdio":
+        server.run("stdio")
+    else:
+        server.run("streamable-http", host=args.host, port=args.port)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="wordclaw", description="WordClaw Distribution operator commands.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    db = commands.add_parser("db", help="database commands").add_subparsers(dest="db_command", required=True)
+    upgrade_cmd = db.add_parser("upgrade", help="verify the schema and apply schema.sql if the database is behind")
+    upgrade_cmd.add_argument("--force", action="store_true", help="apply schema.sql even if the version matches")
+    commands.add_parser("demo", help="publish a content item to a local webhook through the MCP server")
+    commands.add_parser("mcp", help="the MCP server (same as wordclaw-mcp)", add_help=False)
+    commands.add_parser("worker", help="the worker daemon (same as wordclaw-worker)", add_help=False)
+    args, rest = parser.parse_known_args(argv)
+
+    if args.command == "mcp":
+        return mcp_main(rest)
+    if args.command == "worker":
+        from queue_worker.cli import main as worker_main
+
+        return worker_main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    _logging("WARNING")
+    try:
+        if args.command == "demo":
+            from .demo import run_demo
+
+            return anyio.run(run_demo)
+        _url, version = anyio.run(lambda: upgrade(Settings.from_env(), force=args.force))
+        where = "embedded database" if Settings.from_env().embedded else "database"
+        print(f"{where} is at schema version {version}")
+        return 0
+    except DistributionError as exc:
+        return _fail("wordclaw", exc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

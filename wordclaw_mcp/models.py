@@ -1,0 +1,148 @@
+"""Tool inputs and outputs. The wire is camelCase; Python attributes are snake_case."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl
+from pydantic.alias_generators import to_camel
+
+PlanStatus = Literal["queued", "running", "succeeded", "partial", "failed", "cancelled"]
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+FINAL_PLAN_STATUSES: frozenset[str] = frozenset({"succeeded", "partial", "failed", "cancelled"})
+
+
+class ApiModel(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+# --- content --------------------------------------------------------------------------------
+
+
+class UpsertContentItemInput(ApiModel):
+    id: UUID | None = Field(None, description="Omit to create a new item; give an existing id to update it.")
+    title: Annotated[str, Field(min_length=1, max_length=500)]
+    body: str = Field(description="The body as Markdown.")
+    summary: str | None = None
+    canonical_url: HttpUrl | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class ContentItem(ApiModel):
+    id: UUID
+    title: str
+    body: str = Field(description="Markdown.")
+    summary: str | None
+    canonical_url: str | None
+    metadata: dict[str, Any]
+    version: int = Field(description="Starts at 1 and grows by one on every update.")
+    created_at: datetime
+    updated_at: datetime
+
+
+# --- targets --------------------------------------------------------------------------------
+
+
+class RegisterTargetInput(ApiModel):
+    name: Annotated[str, Field(min_length=1, max_length=200, description="Unique among targets.")]
+    channel_type: str = Field(description="The adapter, e.g. 'webhook'.")
+    config: dict[str, Any] = Field(
+        default_factory=dict, description='Non-secret settings. For a webhook: {"url": "https://…"}.'
+    )
+    secrets: dict[str, str] | None = Field(
+        None,
+        description="Write-only credentials, stored encrypted and never returned. "
+        'For a webhook: {"signingSecret": "whsec_…"} signs deliveries per Standard Webhooks.',
+    )
+
+
+class Target(ApiModel):
+    id: UUID
+    name: str
+    channel_type: str
+    config: dict[str, Any]
+    has_secrets: bool
+    active: bool
+    suspended_until: datetime | None
+    created_at: datetime
+
+
+class TargetList(ApiModel):
+    targets: list[Target]
+
+
+# --- plans ----------------------------------------------------------------------------------
+
+
+class TransformPolicy(ApiModel):
+    body_format: Literal["markdown", "html"] = "markdown"
+    max_length: Annotated[int | None, Field(ge=1, description="Truncate the body to this many characters.")] = None
+    include_body: bool = Field(True, description="False sends title, summary and link only.")
+    include_metadata: bool = True
+
+
+class CreateDistributionPlanInput(ApiModel):
+    content_item_id: UUID
+    target_ids: Annotated[list[UUID], Field(min_length=1, max_length=100)]
+    transform_policy: TransformPolicy | None = None
+    await_delivery: bool = Field(
+        False, description="Wait up to 10 s for every job to finish; returns the current state if not."
+    )
+    dry_run: bool = Field(False, description="Return each target's transformed payload; queue nothing.")
+
+
+class PlanRef(ApiModel):
+    plan_id: UUID
+
+
+class Job(ApiModel):
+    id: UUID
+    target_id: UUID
+    status: JobStatus
+    attempt: int = Field(description="Attempts started so far; a queued job with attempt > 0 awaits a retry.")
+    max_attempts: int
+    next_attempt_at: datetime
+    last_error: str | None
+    updated_at: datetime
+
+
+class Receipt(ApiModel):
+    id: UUID
+    job_id: UUID
+    target_id: UUID
+    attempt: int
+    succeeded: bool
+    external_url: str | None
+    status_code: int | None
+    error_message: str | None
+    raw_meta: dict[str, Any]
+    created_at: datetime
+
+
+class Preview(ApiModel):
+    target_id: UUID
+    channel_type: str
+    payload: dict[str, Any]
+
+
+class Plan(ApiModel):
+    id: UUID | None = Field(description="None for a dry run, which creates nothing.")
+    content_item_id: UUID
+    content_version: int
+    status: PlanStatus | Literal["dry_run"]
+    created_at: datetime | None = None
+    completed_at: datetime | None = None
+    jobs: list[Job] = Field(default_factory=list)
+    receipts: list[Receipt] | None = Field(None, description="Present when awaitDelivery was set.")
+    previews: list[Preview] | None = Field(None, description="Present for a dry run.")
+    await_timed_out: bool | None = Field(
+        None, description="True when awaitDelivery gave up waiting; call get_plan later."
+    )
+
+
+class ReceiptList(ApiModel):
+    plan_id: UUID
+    receipts: list[Receipt]

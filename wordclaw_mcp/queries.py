@@ -1,0 +1,174 @@
+"""Every SQL statement the application runs, named. The data model itself is schema.sql.
+
+Each job state transition is exactly one statement; the plan rollup and the outbox event
+ride along in the same transaction through the triggers in schema.sql.
+"""
+
+# --- schema -----------------------------------------------------------------------------------
+
+SCHEMA_LOCK = "SELECT pg_advisory_xact_lock(hashtext('wordclaw.schema'))"
+SCHEMA_TABLE_EXISTS = "SELECT to_regclass('schema_version') IS NOT NULL"
+SCHEMA_VERSION = "SELECT coalesce(max(version), 0) FROM schema_version"
+RECORD_SCHEMA_VERSION = "INSERT INTO schema_version (version) VALUES ($1) ON CONFLICT DO NOTHING"
+
+DATABASE_EXISTS = "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)"
+
+
+def create_database(name: str, template: str | None = None) -> str:
+    """CREATE DATABASE takes no parameters, so names are quoted here and nowhere else."""
+    sql = f"CREATE DATABASE {_ident(name)}"
+    return f"{sql} TEMPLATE {_ident(template)}" if template else sql
+
+
+def drop_database(name: str) -> str:
+    return f"DROP DATABASE IF EXISTS {_ident(name)} WITH (FORCE)"
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+# --- content items ----------------------------------------------------------------------------
+
+_CONTENT_COLUMNS = """
+    id, title, body_markdown AS body, summary, canonical_url, metadata, version, created_at, updated_at
+"""
+
+INSERT_CONTENT_ITEM = f"""
+INSERT INTO content_items (title, body_markdown, summary, canonical_url, metadata)
+VALUES ($1, $2, $3, $4, $5)
+RETURNING {_CONTENT_COLUMNS}
+"""
+
+UPDATE_CONTENT_ITEM = f"""
+UPDATE content_items
+SET title = $2, body_markdown = $3, summary = $4, canonical_url = $5, metadata = $6,
+    version = version + 1, updated_at = now()
+WHERE id = $1
+RETURNING {_CONTENT_COLUMNS}
+"""
+
+GET_CONTENT_ITEM = f"SELECT {_CONTENT_COLUMNS} FROM content_items WHERE id = $1"
+
+# --- targets ----------------------------------------------------------------------------------
+
+_TARGET_COLUMNS = """
+    id, name, channel_type, config_json AS config, secret_ciphertext IS NOT NULL AS has_secrets,
+    active, suspended_until, created_at
+"""
+
+INSERT_TARGET = f"""
+INSERT INTO distribution_targets (name, channel_type, config_json, secret_ciphertext)
+VALUES ($1, $2, $3, $4)
+ON CONFLICT (name) DO NOTHING
+RETURNING {_TARGET_COLUMNS}
+"""
+
+LIST_TARGETS = f"SELECT {_TARGET_COLUMNS} FROM distribution_targets ORDER BY created_at, name"
+
+GET_TARGETS = f"SELECT {_TARGET_COLUMNS} FROM distribution_targets WHERE id = ANY($1::uuid[])"
+
+# --- plans ------------------------------------------------------------------------------------
+
+_PLAN_COLUMNS = "id, content_item_id, content_version, status, created_at, completed_at"
+
+INSERT_PLAN = f"""
+INSERT INTO distribution_plans (content_item_id, content_version, created_by_agent_id, options)
+VALUES ($1, $2, $3, $4)
+RETURNING {_PLAN_COLUMNS}
+"""
+
+# One statement for the whole fan-out: the jobs arrive together or not at all, and the insert
+# trigger sends workers a single wake-up.
+INSERT_JOBS = """
+INSERT INTO distribution_jobs (plan_id, target_id, max_attempts, payload_snapshot)
+SELECT $1, target_id, $2, payload
+FROM unnest($3::uuid[], $4::jsonb[]) AS fanout (target_id, payload)
+"""
+
+GET_PLAN = f"SELECT {_PLAN_COLUMNS} FROM distribution_plans WHERE id = $1"
+
+GET_PLAN_STATUS = "SELECT status FROM distribution_plans WHERE id = $1"
+
+GET_PLAN_JOBS = """
+SELECT id, target_id, status, attempt, max_attempts, next_attempt_at, last_error, updated_at
+FROM distribution_jobs
+WHERE plan_id = $1
+ORDER BY created_at, id
+"""
+
+GET_PLAN_RECEIPTS = """
+SELECT r.id, r.job_id, j.target_id, r.attempt, r.succeeded, r.external_url, r.status_code,
+       r.error_message, r.raw_meta, r.created_at
+FROM distribution_receipts r
+JOIN distribution_jobs j ON j.id = r.job_id
+WHERE j.plan_id = $1
+ORDER BY r.created_at, r.attempt, r.id
+"""
+
+# Transition: queued -> cancelled. Running jobs finish their attempt.
+CANCEL_PLAN = """
+UPDATE distribution_jobs
+SET status = 'cancelled', finished_at = now(), updated_at = now()
+WHERE plan_id = $1 AND status = 'queued'
+"""
+
+# --- worker -----------------------------------------------------------------------------------
+
+# Transition: queued -> running, for a batch. The inner SELECT walks the partial index
+# distribution_jobs_claim in next_attempt_at order; SKIP LOCKED lets workers claim side by side.
+CLAIM_JOBS = """
+WITH due AS (
+    SELECT j.id
+    FROM distribution_jobs j
+    JOIN distribution_targets t ON t.id = j.target_id
+    WHERE j.status = 'queued'
+      AND j.next_attempt_at <= now()
+      AND t.active
+      AND (t.suspended_until IS NULL OR t.suspended_until <= now())
+    ORDER BY j.next_attempt_at
+    LIMIT $1
+    FOR UPDATE OF j SKIP LOCKED
+)
+UPDATE distribution_jobs j
+SET status = 'running',
+    attempt = j.attempt + 1,
+    lease_expires_at = now() + make_interval(secs => $2),
+    locked_by = $3,
+    updated_at = now()
+FROM due, distribution_targets t
+WHERE j.id = due.id AND t.id = j.target_id
+RETURNING j.id, j.plan_id, j.target_id, j.attempt, j.max_attempts, j.payload_snapshot,
+          t.name AS target_name, t.channel_type, t.config_json AS config, t.secret_ciphertext
+"""
+
+# Transition: running -> succeeded | queued (retry) | failed, with the attempt's receipt.
+# The receipt is written even when the guard misses (the job was cancelled or re-claimed
+# meanwhile), because the attempt really happened.
+# $1 job, $2 attempt, $3 succeeded, $4 external_url, $5 status_code, $6 error, $7 raw_meta,
+# $8 retryable, $9 retry delay in seconds.
+RECORD_ATTEMPT = """
+WITH receipt AS (
+    INSERT INTO distribution_receipts
+        (job_id, attempt, succeeded, external_url, status_code, error_message, raw_meta)
+    VALUES ($1, $2, $3, $4, $5, $6, $7)
+), outcome AS (
+    SELECT CASE WHEN $3 THEN 'succeeded'
+                WHEN $8 AND j.attempt < j.max_attempts THEN 'queued'
+                ELSE 'failed' END AS status
+    FROM distribution_jobs j
+    WHERE j.id = $1
+)
+UPDATE distribution_jobs j
+SET status = outcome.status,
+    next_attempt_at = CASE WHEN outcome.status = 'queued' THEN now() + make_interval(secs => $9)
+                           ELSE j.next_attempt_at END,
+    last_error = $6,
+    lease_expires_at = NULL,
+    locked_by = NULL,
+    finished_at = CASE WHEN outcome.status = 'queued' THEN NULL ELSE now() END,
+    updated_at = now()
+FROM outcome
+WHERE j.id = $1 AND j.status = 'running' AND j.attempt = $2
+RETURNING j.status
+"""

@@ -1,0 +1,99 @@
+"""A local webhook receiver: the demo's destination and the tests' HTTP peer.
+
+A real HTTP server on 127.0.0.1 that records each request. It can be told to answer with a
+given status and body, to answer slowly, or to hang until it is closed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ReceivedRequest:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class Behaviour:
+    status: int = 200
+    body: bytes = b'{"ok":true}'
+    headers: dict[str, str] = field(default_factory=lambda: {"content-type": "application/json"})
+    delay: float = 0.0
+    hang: bool = False
+
+
+class WebhookReceiver:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.behaviour = Behaviour()
+        self.requests: list[ReceivedRequest] = []
+        self._changed = threading.Condition()
+        self._closing = threading.Event()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("content-length", 0))
+                request = ReceivedRequest(
+                    "POST", self.path, {k.lower(): v for k, v in self.headers.items()}, self.rfile.read(length)
+                )
+                with receiver._changed:
+                    receiver.requests.append(request)
+                    receiver._changed.notify_all()
+                behaviour = receiver.behaviour
+                if behaviour.hang:
+                    receiver._closing.wait()
+                    return
+                if behaviour.delay:
+                    receiver._closing.wait(behaviour.delay)
+                self.send_response(behaviour.status)
+                for name, value in behaviour.headers.items():
+                    self.send_header(name, value)
+                self.send_header("content-length", str(len(behaviour.body)))
+                self.end_headers()
+                self.wfile.write(behaviour.body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="webhook-receiver", daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}/hooks/wordclaw"
+
+    def start(self) -> WebhookReceiver:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._closing.set()
+        self._server.shutdown()
+        self._server.server_close()
+
+    def __enter__(self) -> WebhookReceiver:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> list[ReceivedRequest]:
+        """Block until ``count`` requests have arrived, or raise TimeoutError at the deadline."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while len(self.requests) < count:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"{len(self.requests)} of {count} requests arrived within {timeout} s")
+                self._changed.wait(remaining)
+            return list(self.requests)

@@ -1,0 +1,199 @@
+"""The MCP server: tools generated from the pydantic models, errors mapped to stable codes."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import anyio
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.types import CallToolResult, TextContent, ToolAnnotations
+from pydantic import BaseModel, Field, ValidationError
+
+from . import errors
+from .config import Settings
+from .errors import DistributionError
+from .models import (
+    ContentItem,
+    CreateDistributionPlanInput,
+    Plan,
+    PlanRef,
+    ReceiptList,
+    RegisterTargetInput,
+    Target,
+    TargetList,
+    UpsertContentItemInput,
+)
+from .service import DistributionService
+
+log = logging.getLogger(__name__)
+
+INSTRUCTIONS = """\
+WordClaw Distribution publishes a content item once and fans it out to many channels.
+1. upsert_content_item creates (or, given an id, updates) the item.
+2. register_target once per destination; list_targets shows what exists.
+3. create_distribution_plan queues one job per target. Set awaitDelivery to wait up to 10 s
+   for the outcome, or dryRun to preview each target's payload without sending anything.
+4. get_plan, get_receipts and cancel_plan follow up.
+Errors come back as {"error": {"code", "message", "remediation"}}; the code is stable.
+"""
+
+
+class WordClawServer(MCPServer[DistributionService]):
+    """Every failure a caller can cause comes back as a coded tool error, never a traceback."""
+
+    async def call_tool(
+        self, name: str, arguments: dict[str, Any], context: Context[DistributionService, Any] | None = None
+    ) -> Any:
+        try:
+            _check_arguments(self, name, arguments)
+            return await super().call_tool(name, arguments, context)
+        except DistributionError as exc:
+            return error_result(exc)
+        except ToolError as exc:
+            return error_result(_classify(name, exc))
+
+
+def error_result(error: DistributionError) -> CallToolResult:
+    body = {"error": error.to_dict()}
+    return CallToolResult(
+        content=[TextContent(type="text", text=json.dumps(body))], structured_content=body, is_error=True
+    )
+
+
+def _check_arguments(server: MCPServer[Any], name: str, arguments: dict[str, Any]) -> None:
+    tool = server._tool_manager.get_tool(name)
+    if tool is None:
+        raise DistributionError(
+            "UNKNOWN_TOOL", f"There is no tool named {name!r}.", "Call tools/list for the tools this server offers."
+        )
+    # The SDK ignores unexpected arguments; an agent that misspells one deserves to hear so.
+    unknown = sorted(set(arguments) - set(tool.parameters.get("properties", {})))
+    if unknown:
+        raise errors.validation_error(
+            f"Unknown argument(s) for {name}: {', '.join(unknown)}.",
+            allowedArguments=sorted(tool.parameters.get("properties", {})),
+        )
+
+
+def _classify(name: str, exc: ToolError) -> DistributionError:
+    cause = exc.__cause__
+    while cause is not None and not isinstance(cause, DistributionError | ValidationError):
+        cause = cause.__cause__
+    if isinstance(cause, DistributionError):
+        return cause
+    if isinstance(cause, ValidationError):
+        return errors.validation_error(f"Invalid arguments for {name}: {errors.describe_validation(cause.errors())}.")
+    log.error("tool %s failed unexpectedly", name, exc_info=exc)
+    return DistributionError(
+        "INTERNAL_ERROR",
+        f"The {name} tool failed unexpectedly.",
+        "Retry once; if it fails again, report it with the server's log.",
+    )
+
+
+# --- tools ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """A tool is a service method of the same name, with its input and output models."""
+
+    name: str
+    input_model: type[BaseModel] | None
+    output_model: type[BaseModel]
+    description: str
+    read_only: bool = False
+
+
+TOOLS: tuple[ToolSpec, ...] = (
+    ToolSpec(
+        "upsert_content_item",
+        UpsertContentItemInput,
+        ContentItem,
+        "Create a content item (omit id) or update one (give its id). Returns the item with its id and version.",
+    ),
+    ToolSpec(
+        "register_target",
+        RegisterTargetInput,
+        Target,
+        "Register a destination. Secrets are stored encrypted and never returned. "
+        'A webhook takes config {"url": ...} and optional secrets {"signingSecret": "whsec_..."}.',
+    ),
+    ToolSpec("list_targets", None, TargetList, "List every registered target, without secrets.", read_only=True),
+    ToolSpec(
+        "create_distribution_plan",
+        CreateDistributionPlanInput,
+        Plan,
+        "Queue one delivery job per target for a content item. awaitDelivery waits up to 10 s and returns "
+        "receipts; dryRun returns each target's payload and queues nothing.",
+    ),
+    ToolSpec("get_plan", PlanRef, Plan, "A plan's status and its jobs.", read_only=True),
+    ToolSpec("cancel_plan", PlanRef, Plan, "Cancel a plan's queued jobs; running attempts finish."),
+    ToolSpec("get_receipts", PlanRef, ReceiptList, "Every attempt's receipt for a plan.", read_only=True),
+)
+
+
+def add_model_tool(server: MCPServer[DistributionService], spec: ToolSpec) -> None:
+    """Register ``spec`` so that its arguments are exactly its input model's fields.
+
+    The SDK derives a tool's input schema from a function signature, so the signature is made
+    from the model: one camelCase keyword per field, with its type, constraints and description.
+    """
+    parameters = [inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=Context)]
+    for field_name, field in (spec.input_model.model_fields if spec.input_model else {}).items():
+        annotation = Annotated[(field.annotation, *field.metadata, Field(description=field.description))]
+        default = inspect.Parameter.empty if field.is_required() else field.get_default(call_default_factory=True)
+        parameters.append(
+            inspect.Parameter(
+                field.alias or field_name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation
+            )
+        )
+
+    async def tool(ctx: Context, **arguments: Any) -> BaseModel:
+        service: DistributionService = ctx.request_context.lifespan_context
+        method = getattr(service, spec.name)
+        if spec.input_model is None:
+            return await method()
+        return await method(spec.input_model.model_validate(arguments))
+
+    tool.__signature__ = inspect.Signature(parameters, return_annotation=spec.output_model)  # type: ignore[attr-defined]
+    tool.__annotations__ = {p.name: p.annotation for p in parameters} | {"return": spec.output_model}
+    server.add_tool(
+        tool,
+        name=spec.name,
+        description=spec.description,
+        annotations=ToolAnnotations(readOnlyHint=spec.read_only, openWorldHint=not spec.read_only),
+    )
+
+
+def build_server(settings: Settings | None = None) -> WordClawServer:
+    """The MCP server. Its lifespan opens the service and, when configured, an in-process worker."""
+    settings = settings or Settings.from_env()
+
+    @asynccontextmanager
+    async def lifespan(_server: MCPServer[DistributionService]) -> AsyncIterator[DistributionService]:
+        async with DistributionService.open(settings) as service:
+            if not settings.worker_in_server:
+                yield service
+                return
+            from queue_worker.worker import Worker
+
+            worker = Worker.for_service(service)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(worker.run)
+                try:
+                    yield service
+                finally:
+                    worker.stop()
+
+    server = WordClawServer("wordclaw-distribution", instructions=INSTRUCTIONS, lifespan=lifespan)
+    for spec in TOOLS:
+        add_model_tool(server, spec)
+    return server

@@ -1,0 +1,250 @@
+"""The distribution service: the one layer that MCP tools (and later REST) call."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+from uuid import UUID
+
+import anyio
+import asyncpg
+from pydantic import BaseModel, ValidationError
+
+from queue_worker.adapters import AdapterOptions, AdapterRegistry
+
+from . import errors, queries
+from .config import Settings
+from .database import open_pool
+from .models import (
+    FINAL_PLAN_STATUSES,
+    ContentItem,
+    CreateDistributionPlanInput,
+    Job,
+    Plan,
+    PlanRef,
+    Preview,
+    Receipt,
+    ReceiptList,
+    RegisterTargetInput,
+    Target,
+    TargetList,
+    TransformPolicy,
+    UpsertContentItemInput,
+)
+from .notifications import PLANS_CHANNEL, Notifications
+from .secrets import SecretBox
+
+AWAIT_DELIVERY_SECONDS = 10.0
+# Waiters wake on NOTIFY; this is only the safety net for a lost notification.
+AWAIT_POLL_SECONDS = 1.0
+
+
+class DistributionService:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        settings: Settings,
+        *,
+        adapters: AdapterRegistry,
+        secrets: SecretBox,
+        notifications: Notifications,
+    ) -> None:
+        self.pool = pool
+        self.settings = settings
+        self.adapters = adapters
+        self.secrets = secrets
+        self.notifications = notifications
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, settings: Settings) -> AsyncIterator[DistributionService]:
+        """Connect (starting the embedded database if needed), verify the schema, listen."""
+        pool, url = await open_pool(settings)
+        notifications = Notifications(url)
+        adapters = AdapterRegistry(
+            AdapterOptions(allow_private_targets=settings.allow_private_targets, timeout=settings.delivery_timeout)
+        )
+        try:
+            await notifications.start()
+            yield cls(
+                pool,
+                settings,
+                adapters=adapters,
+                secrets=SecretBox.from_settings(settings),
+                notifications=notifications,
+            )
+        finally:
+            await notifications.close()
+            await adapters.aclose()
+            await pool.close()
+
+    # --- content -------------------------------------------------------------------------------
+
+    async def upsert_content_item(self, item: UpsertContentItemInput) -> ContentItem:
+        values = (
+            item.title,
+            item.body,
+            item.summary,
+            str(item.canonical_url) if item.canonical_url else None,
+            item.metadata,
+        )
+        if item.id is None:
+            row = await self.pool.fetchrow(queries.INSERT_CONTENT_ITEM, *values)
+        else:
+            row = await self.pool.fetchrow(queries.UPDATE_CONTENT_ITEM, item.id, *values)
+            if row is None:
+                raise errors.content_item_not_found(item.id)
+        return ContentItem.model_validate(dict(row))
+
+    async def _content_item(self, content_item_id: UUID) -> ContentItem:
+        row = await self.pool.fetchrow(queries.GET_CONTENT_ITEM, content_item_id)
+        if row is None:
+            raise errors.content_item_not_found(content_item_id)
+        return ContentItem.model_validate(dict(row))
+
+    # --- targets -------------------------------------------------------------------------------
+
+    async def register_target(self, request: RegisterTargetInput) -> Target:
+        adapter = self.adapters.get(request.channel_type)
+        config = _validate_part(adapter.config_model, request.config, "config", "INVALID_TARGET_CONFIG")
+        ciphertext = None
+        if request.secrets:
+            if adapter.secrets_model is None:
+                raise errors.DistributionError(
+                    "INVALID_TARGET_SECRETS",
+                    f"Channel type {request.channel_type!r} takes no secrets.",
+                    "Call register_target again without secrets.",
+                )
+            secrets = _validate_part(adapter.secrets_model, request.secrets, "secrets", "INVALID_TARGET_SECRETS")
+            ciphertext = self.secrets.encrypt(secrets.model_dump(by_alias=True))
+        await adapter.check_target(config)
+        row = await self.pool.fetchrow(
+            queries.INSERT_TARGET,
+            request.name,
+            request.channel_type,
+            config.model_dump(mode="json", by_alias=True),
+            ciphertext,
+        )
+        if row is None:
+            raise errors.DistributionError(
+                "TARGET_NAME_TAKEN",
+                f"A target named {request.name!r} already exists.",
+                "Call list_targets to find its id, or register under another name.",
+            )
+        return Target.model_validate(dict(row))
+
+    async def list_targets(self) -> TargetList:
+        rows = await self.pool.fetch(queries.LIST_TARGETS)
+        return TargetList(targets=[Target.model_validate(dict(row)) for row in rows])
+
+    async def _targets(self, target_ids: list[UUID]) -> list[Target]:
+        if len(set(target_ids)) != len(target_ids):
+            raise errors.validation_error("targetIds names the same target more than once.")
+        rows = await self.pool.fetch(queries.GET_TARGETS, target_ids)
+        found = {row["id"]: Target.model_validate(dict(row)) for row in rows}
+        missing = [target_id for target_id in target_ids if target_id not in found]
+        if missing:
+            error = errors.target_not_found(missing[0])
+            error.details["missingTargetIds"] = [str(target_id) for target_id in missing]
+            raise error
+        inactive = [str(target_id) for target_id in target_ids if not found[target_id].active]
+        if inactive:
+            raise errors.DistributionError(
+                "TARGET_INACTIVE",
+                f"Target {inactive[0]} is deactivated.",
+                "Remove it from targetIds or reactivate it.",
+                inactiveTargetIds=inactive,
+            )
+        return [found[target_id] for target_id in target_ids]
+
+    # --- plans ---------------------------------------------------------------------------------
+
+    async def create_distribution_plan(
+        self, request: CreateDistributionPlanInput, *, agent_id: str | None = None
+    ) -> Plan:
+        agent_id = agent_id or self.settings.agent_id
+        policy = request.transform_policy or TransformPolicy()
+        content = await self._content_item(request.content_item_id)
+        targets = await self._targets(request.target_ids)
+        payloads = [self.adapters.get(target.channel_type).transform(content, policy) for target in targets]
+
+        if request.dry_run:
+            return Plan(
+                id=None,
+                content_item_id=content.id,
+                content_version=content.version,
+                status="dry_run",
+                previews=[
+                    Preview(target_id=target.id, channel_type=target.channel_type, payload=payload)
+                    for target, payload in zip(targets, payloads, strict=True)
+                ],
+            )
+
+        options = {"transformPolicy": policy.model_dump(mode="json", by_alias=True)}
+        async with self.pool.acquire() as conn, conn.transaction():
+            plan_row = await conn.fetchrow(queries.INSERT_PLAN, content.id, content.version, agent_id, options)
+            await conn.execute(
+                queries.INSERT_JOBS,
+                plan_row["id"],
+                self.settings.max_attempts,
+                [target.id for target in targets],
+                payloads,
+            )
+        if request.await_delivery:
+            return await self.await_plan(plan_row["id"], AWAIT_DELIVERY_SECONDS)
+        return await self._plan(plan_row["id"])
+
+    async def get_plan(self, ref: PlanRef) -> Plan:
+        return await self._plan(ref.plan_id)
+
+    async def cancel_plan(self, ref: PlanRef) -> Plan:
+        await self._plan(ref.plan_id)
+        await self.pool.execute(queries.CANCEL_PLAN, ref.plan_id)
+        return await self._plan(ref.plan_id)
+
+    async def get_receipts(self, ref: PlanRef) -> ReceiptList:
+        await self._plan(ref.plan_id)
+        return ReceiptList(plan_id=ref.plan_id, receipts=await self._receipts(ref.plan_id))
+
+    async def await_plan(self, plan_id: UUID, wait_seconds: float) -> Plan:
+        """The plan once every job is final, or as it stands after ``wait_seconds``."""
+        woken = anyio.Event()
+        key = str(plan_id)
+
+        def on_change(payload: str) -> None:
+            if payload == key:
+                woken.set()
+
+        with self.notifications.subscribe(PLANS_CHANNEL, on_change), anyio.move_on_after(wait_seconds):
+            # Subscribed before the first read, so a change between read and wait still wakes us.
+            while await self.pool.fetchval(queries.GET_PLAN_STATUS, plan_id) not in FINAL_PLAN_STATUSES:
+                with anyio.move_on_after(AWAIT_POLL_SECONDS):
+                    await woken.wait()
+                woken = anyio.Event()
+        plan = await self._plan(plan_id)
+        plan.receipts = await self._receipts(plan_id)
+        plan.await_timed_out = plan.status not in FINAL_PLAN_STATUSES
+        return plan
+
+    async def _plan(self, plan_id: UUID) -> Plan:
+        row = await self.pool.fetchrow(queries.GET_PLAN, plan_id)
+        if row is None:
+            raise errors.plan_not_found(plan_id)
+        jobs = await self.pool.fetch(queries.GET_PLAN_JOBS, plan_id)
+        return Plan.model_validate({**row, "jobs": [Job.model_validate(dict(job)) for job in jobs]})
+
+    async def _receipts(self, plan_id: UUID) -> list[Receipt]:
+        rows = await self.pool.fetch(queries.GET_PLAN_RECEIPTS, plan_id)
+        return [Receipt.model_validate(dict(row)) for row in rows]
+
+
+def _validate_part(model: type[BaseModel], value: dict[str, Any], name: str, code: str) -> Any:
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        raise errors.DistributionError(
+            code,
+            f"The target's {name} is not valid: {errors.describe_validation(exc.errors(), name)}.",
+            f"Correct {name} and call register_target again.",
+        ) from exc
