@@ -66,6 +66,7 @@ CREATE TABLE IF NOT EXISTS distribution_jobs (
     id                uuid PRIMARY KEY DEFAULT gen_random_uuid(),
     plan_id           uuid NOT NULL REFERENCES distribution_plans (id) ON DELETE CASCADE,
     target_id         uuid NOT NULL REFERENCES distribution_targets (id),
+    position          integer NOT NULL DEFAULT 0,  -- the target's place in the plan's targetIds
     attempt           integer NOT NULL DEFAULT 0 CHECK (attempt >= 0),
     max_attempts      integer NOT NULL CHECK (max_attempts > 0),
     status            text NOT NULL DEFAULT 'queued'
@@ -136,9 +137,21 @@ $$;
 
 -- Statement-level with transition tables: a batch claim or completion rolls up each
 -- touched plan once, not once per job.
+--
+-- The touched plans are locked (in id order, so batches never deadlock) before their status
+-- is recomputed. Without the lock, two workers finishing a plan's last two jobs at once would
+-- each see the other's job still running, and the plan would stay 'running' for ever. Under
+-- READ COMMITTED the UPDATE after the lock takes a fresh snapshot that sees the other
+-- worker's committed change.
 CREATE OR REPLACE FUNCTION wordclaw_jobs_changed() RETURNS trigger
 LANGUAGE plpgsql AS $$
+DECLARE
+    touched uuid[];
 BEGIN
+    SELECT array_agg(DISTINCT n.plan_id ORDER BY n.plan_id) INTO touched
+    FROM new_jobs n JOIN old_jobs o ON o.id = n.id
+    WHERE n.status IS DISTINCT FROM o.status;
+
     INSERT INTO distribution_events (event_type, plan_id, job_id, payload)
     SELECT 'distribution.job.' || n.status, n.plan_id, n.id,
            jsonb_build_object('jobId', n.id, 'planId', n.plan_id, 'targetId', n.target_id,
@@ -147,15 +160,17 @@ BEGIN
     WHERE n.status IS DISTINCT FROM o.status
        OR (n.status = 'queued' AND n.attempt IS DISTINCT FROM o.attempt);
 
+    IF touched IS NULL THEN
+        RETURN NULL;
+    END IF;
+
+    PERFORM 1 FROM distribution_plans WHERE id = ANY (touched) ORDER BY id FOR UPDATE;
+
     UPDATE distribution_plans p
     SET status = s.status,
         completed_at = CASE WHEN s.status IN ('queued', 'running') THEN NULL
                             ELSE coalesce(p.completed_at, now()) END
-    FROM (
-        SELECT plan_id, wordclaw_plan_status(plan_id) AS status
-        FROM (SELECT DISTINCT n.plan_id FROM new_jobs n JOIN old_jobs o ON o.id = n.id
-              WHERE n.status IS DISTINCT FROM o.status) touched
-    ) s
+    FROM (SELECT plan_id, wordclaw_plan_status(plan_id) AS status FROM unnest(touched) AS plan_id) s
     WHERE p.id = s.plan_id AND p.status IS DISTINCT FROM s.status;
     RETURN NULL;
 END

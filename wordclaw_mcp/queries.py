@@ -81,9 +81,9 @@ RETURNING {_PLAN_COLUMNS}
 # One statement for the whole fan-out: the jobs arrive together or not at all, and the insert
 # trigger sends workers a single wake-up.
 INSERT_JOBS = """
-INSERT INTO distribution_jobs (plan_id, target_id, max_attempts, payload_snapshot)
-SELECT $1, target_id, $2, payload
-FROM unnest($3::uuid[], $4::jsonb[]) AS fanout (target_id, payload)
+INSERT INTO distribution_jobs (plan_id, target_id, position, max_attempts, payload_snapshot)
+SELECT $1, target_id, position, $2, payload
+FROM unnest($3::uuid[], $4::jsonb[]) WITH ORDINALITY AS fanout (target_id, payload, position)
 """
 
 GET_PLAN = f"SELECT {_PLAN_COLUMNS} FROM distribution_plans WHERE id = $1"
@@ -94,7 +94,7 @@ GET_PLAN_JOBS = """
 SELECT id, target_id, status, attempt, max_attempts, next_attempt_at, last_error, updated_at
 FROM distribution_jobs
 WHERE plan_id = $1
-ORDER BY created_at, id
+ORDER BY position, id
 """
 
 GET_PLAN_RECEIPTS = """
@@ -103,7 +103,7 @@ SELECT r.id, r.job_id, j.target_id, r.attempt, r.succeeded, r.external_url, r.st
 FROM distribution_receipts r
 JOIN distribution_jobs j ON j.id = r.job_id
 WHERE j.plan_id = $1
-ORDER BY r.created_at, r.attempt, r.id
+ORDER BY j.position, r.attempt, r.id
 """
 
 # Transition: queued -> cancelled. Running jobs finish their attempt.

@@ -78,7 +78,8 @@ class WebhookReceiver:
 
     def close(self) -> None:
         self._closing.set()
-        self._server.shutdown()
+        if self._thread.is_alive():  # shutdown() waits for serve_forever, which must have started
+            self._server.shutdown()
         self._server.server_close()
 
     def __enter__(self) -> WebhookReceiver:

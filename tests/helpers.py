@@ -1,0 +1,86 @@
+"""Small helpers shared by the tests."""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+from uuid import UUID
+
+import anyio
+from mcp import Client
+
+from wordclaw_mcp.models import (
+    CreateDistributionPlanInput,
+    Plan,
+    RegisterTargetInput,
+    TransformPolicy,
+    UpsertContentItemInput,
+)
+from wordclaw_mcp.service import DistributionService
+
+T = TypeVar("T")
+
+
+def new_signing_secret() -> str:
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+async def call(client: Client, tool: str, **arguments: Any) -> dict[str, Any]:
+    """Call a tool that must succeed; returns its structured content."""
+    result = await client.call_tool(tool, arguments)
+    assert not result.is_error, result.content
+    assert result.structured_content is not None
+    return result.structured_content
+
+
+async def call_error(client: Client, tool: str, **arguments: Any) -> dict[str, Any]:
+    """Call a tool that must fail with a coded error; returns {code, message, remediation}."""
+    result = await client.call_tool(tool, arguments)
+    assert result.is_error, result.structured_content
+    error = json.loads(result.content[0].text)["error"]
+    assert error == (result.structured_content or {}).get("error")
+    assert set(error) >= {"code", "message", "remediation"}
+    assert "Traceback" not in result.content[0].text
+    return error
+
+
+async def eventually(check: Callable[[], Awaitable[T]], *, timeout: float = 10.0, interval: float = 0.05) -> T:
+    """Poll ``check`` until it returns something truthy, or fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s (last value {value!r})")
+        await anyio.sleep(interval)
+
+
+async def publish(
+    service: DistributionService,
+    urls: list[str],
+    *,
+    policy: TransformPolicy | None = None,
+    secret: str | None = None,
+) -> tuple[Plan, list[UUID]]:
+    """A content item, one webhook target per URL, and a queued plan."""
+    item = await service.upsert_content_item(UpsertContentItemInput(title="Title", body="Some *body* text."))
+    target_ids = []
+    for index, url in enumerate(urls):
+        target = await service.register_target(
+            RegisterTargetInput(
+                name=f"hook-{index}-{secrets.token_hex(4)}",
+                channel_type="webhook",
+                config={"url": url},
+                secrets={"signingSecret": secret} if secret else None,
+            )
+        )
+        target_ids.append(target.id)
+    plan = await service.create_distribution_plan(
+        CreateDistributionPlanInput(content_item_id=item.id, target_ids=target_ids, transform_policy=policy)
+    )
+    return plan, target_ids

@@ -1,0 +1,344 @@
+"""The queue: claim, deliver, record, retry, roll up. Real PostgreSQL, real HTTP receiver."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import anyio
+import asyncpg
+import pytest
+
+from queue_worker.worker import Worker
+from tests.helpers import eventually, new_signing_secret, publish
+from wordclaw_mcp import queries
+from wordclaw_mcp.models import (
+    CreateDistributionPlanInput,
+    PlanRef,
+    RegisterTargetInput,
+    UpsertContentItemInput,
+)
+from wordclaw_mcp.receiver import WebhookReceiver
+from wordclaw_mcp.service import DistributionService
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_a_plan_queues_one_job_per_target_with_a_payload_snapshot(
+    service: DistributionService, db: asyncpg.Connection, receiver: WebhookReceiver
+) -> None:
+    plan, target_ids = await publish(service, [receiver.url, receiver.url + "?second"])
+    assert plan.status == "queued"
+    assert [job.target_id for job in plan.jobs] == target_ids
+    assert all(job.status == "queued" and job.attempt == 0 for job in plan.jobs)
+
+    item_id = plan.content_item_id
+    await service.upsert_content_item(UpsertContentItemInput(id=item_id, title="Changed later", body="new"))
+    snapshots = await db.fetch("SELECT payload_snapshot FROM distribution_jobs WHERE plan_id = $1", plan.id)
+    assert [row["payload_snapshot"]["data"]["title"] for row in snapshots] == ["Title", "Title"]
+
+
+async def test_a_delivery_succeeds_rolls_the_plan_up_and_leaves_a_receipt(
+    service: DistributionService, worker: Worker, receiver: WebhookReceiver, db: asyncpg.Connection
+) -> None:
+    plan, _ = await publish(service, [receiver.url])
+    assert await worker.run_once() == 1
+
+    done = await service.get_plan(PlanRef(plan_id=plan.id))
+    assert done.status == "succeeded"
+    assert done.completed_at is not None
+    assert [(job.status, job.attempt) for job in done.jobs] == [("succeeded", 1)]
+    receipts = (await service.get_receipts(PlanRef(plan_id=plan.id))).receipts
+    assert [(r.attempt, r.succeeded, r.status_code) for r in receipts] == [(1, True, 200)]
+    assert receipts[0].external_url == receiver.url
+    assert len(receiver.requests) == 1
+
+    events = [
+        row["event_type"]
+        for row in await db.fetch("SELECT event_type FROM distribution_events WHERE plan_id = $1 ORDER BY id", plan.id)
+    ]
+    assert events == [
+        "distribution.plan.created",
+        "distribution.job.running",
+        "distribution.plan.running",
+        "distribution.job.succeeded",
+        "distribution.plan.completed",
+    ]
+
+
+async def test_concurrent_claims_skip_each_others_locked_jobs(
+    service: DistributionService, receiver: WebhookReceiver
+) -> None:
+    await publish(service, [f"{receiver.url}?n={n}" for n in range(4)])
+    await publish(service, [f"{receiver.url}?m={n}" for n in range(2)])
+    first = await service.pool.acquire()
+    second = await service.pool.acquire()
+    try:
+        async with first.transaction():
+            mine = await first.fetch(queries.CLAIM_JOBS, 4, 60.0, "first")
+            # The first claim's row locks are still held: the second skips those rows.
+            with anyio.fail_after(5):
+                theirs = await second.fetch(queries.CLAIM_JOBS, 10, 60.0, "second")
+        assert len(mine) == 4
+        assert len(theirs) == 2
+        assert {row["id"] for row in mine}.isdisjoint({row["id"] for row in theirs})
+    finally:
+        await service.pool.release(first)
+        await service.pool.release(second)
+
+
+async def test_the_last_two_jobs_finishing_at_once_still_complete_the_plan(
+    service: DistributionService, worker: Worker, receiver: WebhookReceiver
+) -> None:
+    """Each transaction alone sees the other's job still running; the plan must not stick."""
+    plan, _ = await publish(service, [receiver.url, receiver.url + "?b"])
+    jobs = await worker.claim(2)
+    results = [await worker.deliver(job) for job in jobs]
+    first = await service.pool.acquire()
+    second = await service.pool.acquire()
+    second_done = anyio.Event()
+
+    async def finish_second() -> None:
+        async with second.transaction():
+            await second.fetchval(*_record_args(jobs[1], results[1]))
+        second_done.set()
+
+    try:
+        async with anyio.create_task_group() as tg:
+            async with first.transaction():
+                await first.fetchval(*_record_args(jobs[0], results[0]))
+                tg.start_soon(finish_second)
+                # The second waits on the plan row this transaction locked, whatever it saw.
+                with anyio.move_on_after(0.5):
+                    await second_done.wait()
+                assert not second_done.is_set()
+    finally:
+        await service.pool.release(first)
+        await service.pool.release(second)
+    assert (await service.get_plan(PlanRef(plan_id=plan.id))).status == "succeeded"
+
+
+def _record_args(job, result) -> tuple:
+    return (
+        queries.RECORD_ATTEMPT,
+        job.id,
+        job.attempt,
+        result.succeeded,
+        result.external_url,
+        result.status_code,
+        result.error,
+        result.raw_meta,
+        result.retryable,
+        0.0,
+    )
+
+
+async def test_mixed_outcomes_make_a_partial_plan(
+    service: DistributionService, worker: Worker, db: asyncpg.Connection
+) -> None:
+    with WebhookReceiver() as good, WebhookReceiver() as bad:
+        bad.behaviour.status = 404
+        plan, _ = await publish(service, [good.url, bad.url])
+        await worker.run_once()
+    done = await service.get_plan(PlanRef(plan_id=plan.id))
+    assert done.status == "partial"
+    assert sorted(job.status for job in done.jobs) == ["failed", "succeeded"]
+    failed = next(job for job in done.jobs if job.status == "failed")
+    assert failed.last_error == "The endpoint answered HTTP 404 Not Found."
+    assert (
+        await db.fetchval(
+            "SELECT count(*) FROM distribution_events WHERE plan_id = $1 AND event_type = 'distribution.job.failed'",
+            plan.id,
+        )
+        == 1
+    )
+
+
+async def test_a_server_error_schedules_a_jittered_retry(
+    service: DistributionService, worker: Worker, receiver: WebhookReceiver, db: asyncpg.Connection
+) -> None:
+    receiver.behaviour.status = 503
+    plan, _ = await publish(service, [receiver.url])
+    before = datetime.now(UTC)
+    await worker.run_once()
+
+    job = (await service.get_plan(PlanRef(plan_id=plan.id))).jobs[0]
+    assert (job.status, job.attempt) == ("queued", 1)
+    # First retry: 5 s ± 10 %.
+    assert before + timedelta(seconds=4.4) <= job.next_attempt_at <= datetime.now(UTC) + timedelta(seconds=5.6)
+    assert job.last_error == "The endpoint answered HTTP 503 Service Unavailable."
+    assert (await service.get_plan(PlanRef(plan_id=plan.id))).status == "running"
+    assert await worker.run_once() == 0  # not due yet
+
+    await db.execute("UPDATE distribution_jobs SET next_attempt_at = now() WHERE plan_id = $1", plan.id)
+    receiver.behaviour.status = 200
+    assert await worker.run_once() == 1
+    done = await service.get_plan(PlanRef(plan_id=plan.id))
+    assert (done.status, done.jobs[0].attempt) == ("succeeded", 2)
+    receipts = (await service.get_receipts(PlanRef(plan_id=plan.id))).receipts
+    assert [(r.attempt, r.status_code) for r in receipts] == [(1, 503), (2, 200)]
+    ids = {request.headers["webhook-id"] for request in receiver.requests}
+    assert ids == {str(done.jobs[0].id)}, "webhook-id must stay the same across retries"
+
+
+async def test_the_last_allowed_attempt_fails_the_job(
+    service: DistributionService, worker: Worker, receiver: WebhookReceiver, db: asyncpg.Connection
+) -> None:
+    receiver.behaviour.status = 500
+    plan, _ = await publish(service, [receiver.url])
+    await db.execute("UPDATE distribution_jobs SET max_attempts = 1 WHERE plan_id = $1", plan.id)
+    await worker.run_once()
+    done = await service.get_plan(PlanRef(plan_id=plan.id))
+    assert (done.status, done.jobs[0].status) == ("failed", "failed")
+
+
+async def test_retry_after_is_honoured_when_longer_than_the_schedule(
+    service: DistributionService, worker: Worker, receiver: WebhookReceiver
+) -> None:
+    receiver.behaviour.status = 429
+    receiver.behaviour.headers = {"retry-after": "120"}
+    plan, _ = await publish(service, [receiver.url])
+    before = datetime.now(UTC)
+    await worker.run_once()
+    job = (await service.get_plan(PlanRef(plan_id=plan.id))).jobs[0]
+    assert job.status == "queued"
+    assert job.next_attempt_at >= before + timedelta(seconds=119)
+    receipt = (await service.get_receipts(PlanRef(plan_id=plan.id))).receipts[0]
+    assert receipt.raw_meta["responseHeaders"]["retry-after"] == "120"
+
+
+async def test_an_unreachable_endpoint_fails_the_attempt_with_a_receipt(
+    service: DistributionService, worker: Worker
+) -> None:
+    closed = WebhookReceiver()
+    url = closed.url
+    closed.close()  # nothing listens on that port any more
+    plan, _ = await publish(service, [url])
+    await worker.run_once()
+    job = (await service.get_plan(PlanRef(plan_id=plan.id))).jobs[0]
+    assert (job.status, job.attempt) == ("queued", 1)
+    receipt = (await service.get_receipts(PlanRef(plan_id=plan.id))).receipts[0]
+    assert receipt.succeeded is False
+    assert receipt.status_code is None
+    assert "ConnectError" in receipt.error_message
+
+
+async def test_cancel_cancels_queued_jobs_and_a_late_result_does_not_revive_them(
+    service: DistributionService, worker: Worker, receiver: WebhookReceiver
+) -> None:
+    plan, _ = await publish(service, [receiver.url, receiver.url + "?b"])
+    claimed = await worker.claim(1)  # one job is mid-attempt when the plan is cancelled
+    cancelled = await service.cancel_plan(PlanRef(plan_id=plan.id))
+    assert sorted(job.status for job in cancelled.jobs) == ["cancelled", "running"]
+
+    result = await worker.deliver(claimed[0])
+    assert await worker.record(claimed[0], result) == "succeeded"
+    done = await service.get_plan(PlanRef(plan_id=plan.id))
+    assert done.status == "partial"
+    assert sorted(job.status for job in done.jobs) == ["cancelled", "succeeded"]
+    assert await worker.run_once() == 0
+
+
+async def test_cancelling_every_job_cancels_the_plan(service: DistributionService, receiver: WebhookReceiver) -> None:
+    plan, _ = await publish(service, [receiver.url])
+    cancelled = await service.cancel_plan(PlanRef(plan_id=plan.id))
+    assert cancelled.status == "cancelled"
+    assert cancelled.completed_at is not None
+    assert receiver.requests == []
+
+
+async def test_the_worker_daemon_wakes_on_new_jobs_and_stops_cleanly(
+    service: DistributionService, worker: Worker, receiver: WebhookReceiver
+) -> None:
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        plan, _ = await publish(service, [receiver.url])
+        done = await service.await_plan(plan.id, 10)
+        worker.stop()
+    assert done.status == "succeeded"
+    assert done.receipts and done.receipts[0].succeeded
+
+
+async def test_stopping_mid_delivery_records_the_interrupted_attempt_and_requeues(
+    service: DistributionService, worker: Worker, receiver: WebhookReceiver, settings
+) -> None:
+    receiver.behaviour.hang = True
+    plan, _ = await publish(service, [receiver.url])
+    with anyio.fail_after(15):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run)
+            await anyio.to_thread.run_sync(receiver.wait_for, 1)
+            worker.stop()  # the delivery hangs past the grace period and is cancelled
+    job = (await service.get_plan(PlanRef(plan_id=plan.id))).jobs[0]
+    assert (job.status, job.attempt) == ("queued", 1)
+    receipt = (await service.get_receipts(PlanRef(plan_id=plan.id))).receipts[0]
+    assert "shut down" in receipt.error_message
+
+
+async def test_secrets_are_encrypted_at_rest_and_redacted_from_receipts(
+    service: DistributionService, worker: Worker, receiver: WebhookReceiver, db: asyncpg.Connection
+) -> None:
+    secret = new_signing_secret()
+    receiver.behaviour.status = 400
+    receiver.behaviour.body = json.dumps({"error": f"bad signature for key {secret}"}).encode()
+    plan, target_ids = await publish(service, [receiver.url], secret=secret)
+    await worker.run_once()
+
+    stored = await db.fetchrow("SELECT * FROM distribution_targets WHERE id = $1", target_ids[0])
+    assert secret.encode() not in stored["secret_ciphertext"]
+    assert secret not in json.dumps(dict(stored), default=str)
+    receipt = (await service.get_receipts(PlanRef(plan_id=plan.id))).receipts[0]
+    assert secret not in receipt.model_dump_json()
+    assert "[redacted]" in receipt.raw_meta["responseBody"]
+    every_row = await db.fetch(
+        "SELECT r::text FROM distribution_receipts r UNION ALL SELECT e::text FROM distribution_events e"
+    )
+    assert all(secret not in row[0] for row in every_row)
+
+
+async def test_jobs_of_a_suspended_target_are_not_claimed(
+    service: DistributionService, worker: Worker, receiver: WebhookReceiver, db: asyncpg.Connection
+) -> None:
+    plan, target_ids = await publish(service, [receiver.url])
+    await db.execute(
+        "UPDATE distribution_targets SET suspended_until = now() + interval '1 hour' WHERE id = $1", target_ids[0]
+    )
+    assert await worker.run_once() == 0
+    await db.execute("UPDATE distribution_targets SET suspended_until = NULL WHERE id = $1", target_ids[0])
+    assert await worker.run_once() == 1
+
+
+async def test_a_content_update_bumps_the_version_and_plans_record_it(service: DistributionService) -> None:
+    item = await service.upsert_content_item(UpsertContentItemInput(title="One", body="b"))
+    updated = await service.upsert_content_item(UpsertContentItemInput(id=item.id, title="Two", body="b"))
+    assert (item.version, updated.version) == (1, 2)
+    target = await service.register_target(
+        RegisterTargetInput(name="t", channel_type="webhook", config={"url": "https://example.com/hook"})
+    )
+    plan = await service.create_distribution_plan(
+        CreateDistributionPlanInput(content_item_id=item.id, target_ids=[target.id])
+    )
+    assert plan.content_version == 2
+
+
+async def test_await_plan_wakes_on_notification_not_the_poll(
+    service: DistributionService, worker: Worker, receiver: WebhookReceiver
+) -> None:
+    plan, _ = await publish(service, [receiver.url])
+    finished = anyio.Event()
+    result = {}
+
+    async def wait() -> None:
+        result["plan"] = await service.await_plan(plan.id, 10)
+        finished.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(wait)
+        await worker.run_once()
+        await eventually(lambda: _is_set(finished), timeout=10)
+    assert result["plan"].status == "succeeded"
+    assert result["plan"].await_timed_out is False
+
+
+async def _is_set(event: anyio.Event) -> bool:
+    return event.is_set()
