@@ -48,15 +48,15 @@ async def call_error(client: Client, tool: str, **arguments: Any) -> dict[str, A
     return error
 
 
-async def eventually(check: Callable[[], Awaitable[T]], *, timeout: float = 10.0, interval: float = 0.05) -> T:
+async def eventually(check: Callable[[], Awaitable[T]], *, within: float = 10.0, interval: float = 0.05) -> T:
     """Poll ``check`` until it returns something truthy, or fail at the deadline."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while True:
         value = await check()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s (last value {value!r})")
+            raise AssertionError(f"condition not met within {within} s (last value {value!r})")
         await anyio.sleep(interval)
 
 

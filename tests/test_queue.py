@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 
 from queue_worker.worker import Worker
-from tests.helpers import eventually, new_signing_secret, publish
+from tests.helpers import new_signing_secret, publish
 from wordclaw_mcp import queries
 from wordclaw_mcp.models import (
     CreateDistributionPlanInput,
@@ -299,7 +299,7 @@ async def test_secrets_are_encrypted_at_rest_and_redacted_from_receipts(
 async def test_jobs_of_a_suspended_target_are_not_claimed(
     service: DistributionService, worker: Worker, receiver: WebhookReceiver, db: asyncpg.Connection
 ) -> None:
-    plan, target_ids = await publish(service, [receiver.url])
+    _plan, target_ids = await publish(service, [receiver.url])
     await db.execute(
         "UPDATE distribution_targets SET suspended_until = now() + interval '1 hour' WHERE id = $1", target_ids[0]
     )
@@ -322,23 +322,20 @@ async def test_a_content_update_bumps_the_version_and_plans_record_it(service: D
 
 
 async def test_await_plan_wakes_on_notification_not_the_poll(
-    service: DistributionService, worker: Worker, receiver: WebhookReceiver
+    service: DistributionService, worker: Worker, receiver: WebhookReceiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # With the safety poll pushed out of reach, only the NOTIFY can end the wait in time.
+    monkeypatch.setattr("wordclaw_mcp.service.AWAIT_POLL_SECONDS", 60.0)
     plan, _ = await publish(service, [receiver.url])
-    finished = anyio.Event()
     result = {}
 
     async def wait() -> None:
-        result["plan"] = await service.await_plan(plan.id, 10)
-        finished.set()
+        result["plan"] = await service.await_plan(plan.id, 30)
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(wait)
-        await worker.run_once()
-        await eventually(lambda: _is_set(finished), timeout=10)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait)
+            await anyio.wait_all_tasks_blocked()
+            await worker.run_once()
     assert result["plan"].status == "succeeded"
     assert result["plan"].await_timed_out is False
-
-
-async def _is_set(event: anyio.Event) -> bool:
-    return event.is_set()

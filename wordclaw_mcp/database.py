@@ -103,15 +103,18 @@ class EmbeddedServer:
         return self.handle.get_uri(database)
 
     async def _ensure_database(self) -> None:
-        conn = await asyncpg.connect(self.url("postgres"))
         try:
-            if not await conn.fetchval(queries.DATABASE_EXISTS, EMBEDDED_DATABASE):
-                try:
+            conn = await asyncpg.connect(self.url("postgres"))
+            try:
+                # CREATE DATABASE cannot run in a transaction, so a session lock serialises the
+                # check-then-create of processes starting together.
+                await conn.execute(queries.EMBEDDED_CREATE_LOCK)
+                if not await conn.fetchval(queries.DATABASE_EXISTS, EMBEDDED_DATABASE):
                     await conn.execute(queries.create_database(EMBEDDED_DATABASE))
-                except asyncpg.DuplicateDatabaseError:
-                    pass  # another process created it between our check and our CREATE
-        finally:
-            await conn.close()
+            finally:
+                await conn.close()  # closing the session releases the lock
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise DatabaseUnavailable(f"the embedded database could not be prepared: {exc}") from exc
 
 
 async def resolve_url(settings: Settings) -> str:

@@ -90,5 +90,6 @@ def describe_validation(errors: list[dict[str, Any]], root: str | None = None) -
         location = ".".join(str(part) for part in error.get("loc", ()))
         if root:
             location = f"{root}.{location}" if location else root
-        parts.append(f"{location}: {error['msg']}" if location else error["msg"])
+        message = error["msg"].removeprefix("Value error, ")
+        parts.append(f"{location}: {message}" if location else message)
     return "; ".join(parts)

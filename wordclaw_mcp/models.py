@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, HttpUrl
 from pydantic.alias_generators import to_camel
 
 PlanStatus = Literal["queued", "running", "succeeded", "partial", "failed", "cancelled"]
@@ -84,9 +84,15 @@ class TransformPolicy(ApiModel):
     include_metadata: bool = True
 
 
+def _distinct(ids: list[UUID]) -> list[UUID]:
+    if len(set(ids)) != len(ids):
+        raise ValueError("names the same target more than once")
+    return ids
+
+
 class CreateDistributionPlanInput(ApiModel):
     content_item_id: UUID
-    target_ids: Annotated[list[UUID], Field(min_length=1, max_length=100)]
+    target_ids: Annotated[list[UUID], Field(min_length=1, max_length=100), AfterValidator(_distinct)]
     transform_policy: TransformPolicy | None = None
     await_delivery: bool = Field(
         False, description="Wait up to 10 s for every job to finish; returns the current state if not."

@@ -11,6 +11,7 @@ SCHEMA_TABLE_EXISTS = "SELECT to_regclass('schema_version') IS NOT NULL"
 SCHEMA_VERSION = "SELECT coalesce(max(version), 0) FROM schema_version"
 RECORD_SCHEMA_VERSION = "INSERT INTO schema_version (version) VALUES ($1) ON CONFLICT DO NOTHING"
 
+EMBEDDED_CREATE_LOCK = "SELECT pg_advisory_lock(hashtext('wordclaw.create_database'))"
 DATABASE_EXISTS = "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)"
 
 

@@ -7,6 +7,7 @@ rotation needs: prepend a new key, re-encrypt at leisure, then drop the old one.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +18,8 @@ from .config import Settings
 from .errors import DistributionError
 
 KEY_FILE = "secret.key"
+
+log = logging.getLogger(__name__)
 
 
 class SecretBox:
@@ -29,6 +32,13 @@ class SecretBox:
     def from_settings(cls, settings: Settings) -> SecretBox:
         if settings.secret_keys:
             return cls(list(settings.secret_keys))
+        if not settings.embedded:
+            log.warning(
+                "WORDCLAW_SECRET_KEYS is not set: target secrets are encrypted with the key in %s, "
+                "which only this host has. Workers on other hosts cannot decrypt them; set the same "
+                "WORDCLAW_SECRET_KEYS for every process.",
+                settings.home / KEY_FILE,
+            )
         return cls([_local_key(settings.home)])
 
     def encrypt(self, secrets: Mapping[str, str]) -> bytes:

@@ -139,8 +139,6 @@ class DistributionService:
         return TargetList(targets=[Target.model_validate(dict(row)) for row in rows])
 
     async def _targets(self, target_ids: list[UUID]) -> list[Target]:
-        if len(set(target_ids)) != len(target_ids):
-            raise errors.validation_error("targetIds names the same target more than once.")
         rows = await self.pool.fetch(queries.GET_TARGETS, target_ids)
         found = {row["id"]: Target.model_validate(dict(row)) for row in rows}
         missing = [target_id for target_id in target_ids if target_id not in found]

@@ -1,0 +1,272 @@
+"""The MCP surface, through the SDK's real in-process client."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import replace
+
+import asyncpg
+import pytest
+from mcp import Client
+
+from tests.helpers import call, call_error, new_signing_secret
+from wordclaw_mcp.config import Settings
+from wordclaw_mcp.receiver import WebhookReceiver
+from wordclaw_mcp.server import build_server
+
+pytestmark = pytest.mark.anyio
+
+TOOL_ARGUMENTS = {
+    "upsert_content_item": {"id", "title", "body", "summary", "canonicalUrl", "metadata"},
+    "register_target": {"name", "channelType", "config", "secrets"},
+    "list_targets": set(),
+    "create_distribution_plan": {"contentItemId", "targetIds", "transformPolicy", "awaitDelivery", "dryRun"},
+    "get_plan": {"planId"},
+    "cancel_plan": {"planId"},
+    "get_receipts": {"planId"},
+}
+
+
+async def content_and_target(client: Client, url: str, **target_extra) -> tuple[dict, dict]:
+    item = await call(client, "upsert_content_item", title="Launch", body="We **shipped**.", summary="News")
+    target = await call(
+        client,
+        "register_target",
+        name=f"hook-{uuid.uuid4().hex[:6]}",
+        channelType="webhook",
+        config={"url": url},
+        **target_extra,
+    )
+    return item, target
+
+
+async def test_tools_publish_camelcase_input_and_output_schemas(mcp_client: Client) -> None:
+    tools = {tool.name: tool for tool in (await mcp_client.list_tools()).tools}
+    assert set(tools) == set(TOOL_ARGUMENTS)
+    for name, arguments in TOOL_ARGUMENTS.items():
+        assert set(tools[name].input_schema.get("properties", {})) == arguments, name
+        assert tools[name].output_schema is not None, name
+    plan_output = tools["create_distribution_plan"].output_schema
+    assert {"id", "status", "jobs", "receipts", "previews", "awaitTimedOut"} <= set(plan_output["properties"])
+    assert tools["create_distribution_plan"].input_schema["required"] == ["contentItemId", "targetIds"]
+    assert tools["create_distribution_plan"].input_schema["properties"]["targetIds"]["minItems"] == 1
+
+
+async def test_an_agent_publishes_to_a_webhook_and_awaits_the_receipt(
+    mcp_client: Client, receiver: WebhookReceiver
+) -> None:
+    item, target = await content_and_target(mcp_client, receiver.url)
+    assert item["version"] == 1 and uuid.UUID(item["id"])
+    assert target["config"] == {"url": receiver.url} and target["hasSecrets"] is False
+
+    plan = await call(
+        mcp_client,
+        "create_distribution_plan",
+        contentItemId=item["id"],
+        targetIds=[target["id"]],
+        awaitDelivery=True,
+    )
+    assert plan["status"] == "succeeded"
+    assert plan["awaitTimedOut"] is False
+    [job] = plan["jobs"]
+    assert (job["targetId"], job["status"], job["attempt"]) == (target["id"], "succeeded", 1)
+    [receipt] = plan["receipts"]
+    assert (receipt["jobId"], receipt["succeeded"], receipt["statusCode"]) == (job["id"], True, 200)
+    assert json.loads(receiver.requests[0].body)["data"]["title"] == "Launch"
+
+    fetched = await call(mcp_client, "get_plan", planId=plan["id"])
+    assert fetched["status"] == "succeeded" and fetched["jobs"] == plan["jobs"]
+    receipts = await call(mcp_client, "get_receipts", planId=plan["id"])
+    assert receipts == {"planId": plan["id"], "receipts": plan["receipts"]}
+
+
+async def test_dry_run_returns_payloads_and_queues_nothing(
+    mcp_client_no_worker: Client, receiver: WebhookReceiver, settings: Settings
+) -> None:
+    item, target = await content_and_target(mcp_client_no_worker, receiver.url)
+    preview = await call(
+        mcp_client_no_worker,
+        "create_distribution_plan",
+        contentItemId=item["id"],
+        targetIds=[target["id"]],
+        dryRun=True,
+        transformPolicy={"bodyFormat": "html", "maxLength": 5},
+    )
+    assert preview["status"] == "dry_run" and preview["id"] is None and preview["jobs"] == []
+    [only] = preview["previews"]
+    assert only["targetId"] == target["id"] and only["channelType"] == "webhook"
+    assert only["payload"]["data"]["body"] == "<p>We…</p>\n"
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM distribution_plans") == 0
+        assert await conn.fetchval("SELECT count(*) FROM distribution_jobs") == 0
+    finally:
+        await conn.close()
+    assert receiver.requests == []
+
+
+async def test_cancel_plan_cancels_queued_jobs(mcp_client_no_worker: Client, receiver: WebhookReceiver) -> None:
+    item, target = await content_and_target(mcp_client_no_worker, receiver.url)
+    plan = await call(
+        mcp_client_no_worker, "create_distribution_plan", contentItemId=item["id"], targetIds=[target["id"]]
+    )
+    assert plan["status"] == "queued" and plan["jobs"][0]["status"] == "queued"
+    cancelled = await call(mcp_client_no_worker, "cancel_plan", planId=plan["id"])
+    assert cancelled["status"] == "cancelled"
+    assert [job["status"] for job in cancelled["jobs"]] == ["cancelled"]
+    assert (await call(mcp_client_no_worker, "get_receipts", planId=plan["id"]))["receipts"] == []
+
+
+async def test_updating_a_content_item_bumps_its_version(mcp_client_no_worker: Client) -> None:
+    item = await call(
+        mcp_client_no_worker,
+        "upsert_content_item",
+        title="A",
+        body="b",
+        canonicalUrl="https://example.com/a",
+        metadata={"tags": ["x"]},
+    )
+    again = await call(mcp_client_no_worker, "upsert_content_item", id=item["id"], title="B", body="b")
+    assert (again["id"], again["version"], again["title"]) == (item["id"], 2, "B")
+    assert item["canonicalUrl"] == "https://example.com/a" and item["metadata"] == {"tags": ["x"]}
+
+
+async def test_secrets_are_write_only(mcp_client_no_worker: Client, receiver: WebhookReceiver) -> None:
+    secret = new_signing_secret()
+    _, target = await content_and_target(mcp_client_no_worker, receiver.url, secrets={"signingSecret": secret})
+    assert target["hasSecrets"] is True
+    listed = await mcp_client_no_worker.call_tool("list_targets", {})
+    assert [t["id"] for t in listed.structured_content["targets"]] == [target["id"]]
+    assert secret not in json.dumps(listed.structured_content) and secret not in listed.content[0].text
+    assert secret not in json.dumps(target)
+
+
+UNKNOWN = "00000000-0000-4000-8000-000000000000"
+
+
+async def test_unknown_ids_are_coded_errors(mcp_client_no_worker: Client, receiver: WebhookReceiver) -> None:
+    client = mcp_client_no_worker
+    item, target = await content_and_target(client, receiver.url)
+
+    error = await call_error(client, "create_distribution_plan", contentItemId=UNKNOWN, targetIds=[target["id"]])
+    assert error["code"] == "CONTENT_ITEM_NOT_FOUND" and UNKNOWN in error["message"]
+    error = await call_error(
+        client, "create_distribution_plan", contentItemId=item["id"], targetIds=[target["id"], UNKNOWN]
+    )
+    assert error["code"] == "TARGET_NOT_FOUND" and error["details"]["missingTargetIds"] == [UNKNOWN]
+    for tool in ("get_plan", "cancel_plan", "get_receipts"):
+        assert (await call_error(client, tool, planId=UNKNOWN))["code"] == "PLAN_NOT_FOUND"
+    assert (await call_error(client, "upsert_content_item", id=UNKNOWN, title="t", body="b"))["code"] == (
+        "CONTENT_ITEM_NOT_FOUND"
+    )
+
+
+@pytest.mark.parametrize(
+    ("tool", "arguments", "code", "mentions"),
+    [
+        (
+            "register_target",
+            {"name": "n", "channelType": "webhook", "config": {"url": "not a url"}},
+            "INVALID_TARGET_CONFIG",
+            "config.url",
+        ),
+        (
+            "register_target",
+            {"name": "n", "channelType": "webhook", "config": {"url": "ftp://example.com/x"}},
+            "INVALID_TARGET_CONFIG",
+            "config.url",
+        ),
+        (
+            "register_target",
+            {"name": "n", "channelType": "webhook", "config": {}},
+            "INVALID_TARGET_CONFIG",
+            "config.url",
+        ),
+        (
+            "register_target",
+            {"name": "n", "channelType": "carrier-pigeon", "config": {}},
+            "UNSUPPORTED_CHANNEL_TYPE",
+            "carrier-pigeon",
+        ),
+        ("create_distribution_plan", {"contentItemId": UNKNOWN, "targetIds": []}, "VALIDATION_ERROR", "targetIds"),
+        (
+            "create_distribution_plan",
+            {"contentItemId": "not-a-uuid", "targetIds": [UNKNOWN]},
+            "VALIDATION_ERROR",
+            "contentItemId",
+        ),
+        (
+            "create_distribution_plan",
+            {"contentItemId": UNKNOWN, "targetIds": [UNKNOWN, UNKNOWN]},
+            "VALIDATION_ERROR",
+            "more than once",
+        ),
+        ("create_distribution_plan", {"contentItemId": UNKNOWN, "targets": [UNKNOWN]}, "VALIDATION_ERROR", "targets"),
+        (
+            "create_distribution_plan",
+            {"contentItemId": UNKNOWN, "targetIds": [UNKNOWN], "transformPolicy": {"bodyFormat": "pdf"}},
+            "VALIDATION_ERROR",
+            "bodyFormat",
+        ),
+        ("upsert_content_item", {"title": "", "body": "b"}, "VALIDATION_ERROR", "title"),
+        ("get_plan", {}, "VALIDATION_ERROR", "planId"),
+        ("no_such_tool", {}, "UNKNOWN_TOOL", "no_such_tool"),
+    ],
+)
+async def test_bad_input_is_a_coded_error(
+    mcp_client_no_worker: Client, tool: str, arguments: dict, code: str, mentions: str
+) -> None:
+    error = await call_error(mcp_client_no_worker, tool, **arguments)
+    assert error["code"] == code
+    assert mentions in error["message"]
+    assert error["remediation"]
+
+
+async def test_a_bad_signing_secret_is_refused_without_echoing_it(mcp_client_no_worker: Client) -> None:
+    error = await call_error(
+        mcp_client_no_worker,
+        "register_target",
+        name="n",
+        channelType="webhook",
+        config={"url": "https://example.com/h"},
+        secrets={"signingSecret": "hunter2-not-whsec"},
+    )
+    assert error["code"] == "INVALID_TARGET_SECRETS"
+    assert "hunter2" not in json.dumps(error)
+
+
+async def test_duplicate_target_names_are_refused(mcp_client_no_worker: Client) -> None:
+    args = {"name": "same", "channelType": "webhook", "config": {"url": "https://example.com/h"}}
+    await call(mcp_client_no_worker, "register_target", **args)
+    assert (await call_error(mcp_client_no_worker, "register_target", **args))["code"] == "TARGET_NAME_TAKEN"
+
+
+async def test_private_addresses_are_refused_by_default(settings: Settings) -> None:
+    async with Client(build_server(replace(settings, allow_private_targets=False))) as client:
+        for url in (
+            "http://127.0.0.1:8080/h",
+            "http://localhost/h",
+            "http://169.254.169.254/latest",
+            "http://[::ffff:10.0.0.1]/h",
+        ):
+            error = await call_error(client, "register_target", name=url, channelType="webhook", config={"url": url})
+            assert error["code"] == "TARGET_ADDRESS_FORBIDDEN", url
+            assert "WORDCLAW_ALLOW_PRIVATE_TARGETS" in error["remediation"]
+
+
+async def test_await_delivery_returns_the_current_state_after_ten_seconds(
+    mcp_client: Client, receiver: WebhookReceiver
+) -> None:
+    receiver.behaviour.hang = True
+    item, target = await content_and_target(mcp_client, receiver.url)
+    started = time.monotonic()
+    plan = await call(
+        mcp_client, "create_distribution_plan", contentItemId=item["id"], targetIds=[target["id"]], awaitDelivery=True
+    )
+    elapsed = time.monotonic() - started
+    assert 9.5 <= elapsed < 14, elapsed
+    assert plan["awaitTimedOut"] is True
+    assert plan["status"] in {"queued", "running"}
+    assert plan["jobs"][0]["status"] in {"queued", "running"}
