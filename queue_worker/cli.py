@@ -12,12 +12,14 @@ import anyio
 
 from wordclaw_mcp.config import Settings
 from wordclaw_mcp.errors import DistributionError
+from wordclaw_mcp.runtime import Runtime
 
 from .worker import Worker
 
 
 async def serve(settings: Settings) -> None:
-    async with Worker.open(settings) as worker, anyio.create_task_group() as tg:
+    async with Runtime.open(settings) as runtime, anyio.create_task_group() as tg:
+        worker = Worker(runtime)
         tg.start_soon(_stop_on_signal, worker)
         await worker.run()
         tg.cancel_scope.cancel()

@@ -5,8 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Iterable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 from uuid import UUID
@@ -15,12 +14,11 @@ import anyio
 import asyncpg
 
 from wordclaw_mcp import queries
-from wordclaw_mcp.config import Settings
 from wordclaw_mcp.errors import DistributionError
-from wordclaw_mcp.notifications import JOBS_CHANNEL, Notifications
-from wordclaw_mcp.secrets import SecretBox
+from wordclaw_mcp.notifications import JOBS_CHANNEL
+from wordclaw_mcp.runtime import Runtime
 
-from .adapters import AdapterRegistry, DeliveryResult, DeliveryTarget
+from .adapters import DeliveryResult, DeliveryTarget
 from .retry import retry_delay
 
 log = logging.getLogger(__name__)
@@ -49,46 +47,16 @@ class ClaimedJob:
 
 
 class Worker:
-    def __init__(
-        self,
-        pool: asyncpg.Pool,
-        settings: Settings,
-        *,
-        adapters: AdapterRegistry,
-        secrets: SecretBox,
-        notifications: Notifications,
-        name: str | None = None,
-    ) -> None:
-        self.pool = pool
-        self.settings = settings
-        self.adapters = adapters
-        self.secrets = secrets
-        self.notifications = notifications
+    def __init__(self, runtime: Runtime, *, name: str | None = None) -> None:
+        self.runtime = runtime
+        self.settings = runtime.settings
+        self.pool = runtime.pool
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self._wake = anyio.Event()
         self._stopping = False
         self._in_flight = 0
         self._idle = anyio.Event()
         self._idle.set()
-
-    @classmethod
-    @asynccontextmanager
-    async def open(cls, settings: Settings) -> AsyncIterator[Worker]:
-        """A worker with its own service connections, for the standalone daemon."""
-        from wordclaw_mcp.service import DistributionService
-
-        async with DistributionService.open(settings) as service:
-            yield cls.for_service(service)
-
-    @classmethod
-    def for_service(cls, service: Any) -> Worker:
-        return cls(
-            service.pool,
-            service.settings,
-            adapters=service.adapters,
-            secrets=service.secrets,
-            notifications=service.notifications,
-        )
 
     def stop(self) -> None:
         """Stop claiming; ``run`` returns once in-flight attempts finish or the grace runs out."""
@@ -97,7 +65,7 @@ class Worker:
 
     async def run(self) -> None:
         log.info("worker %s started (concurrency %d)", self.name, self.settings.worker_concurrency)
-        with self.notifications.subscribe(JOBS_CHANNEL, lambda _payload: self._wake.set()):
+        with self.runtime.notifications.subscribe(JOBS_CHANNEL, lambda _payload: self._wake.set()):
             async with anyio.create_task_group() as deliveries:
                 while not self._stopping:
                     free = self.settings.worker_concurrency - self._in_flight
@@ -165,9 +133,9 @@ class Worker:
     async def deliver(self, job: ClaimedJob) -> DeliveryResult:
         secrets: dict[str, str] = {}
         try:
-            adapter = self.adapters.get(job.channel_type)
+            adapter = self.runtime.adapters.get(job.channel_type)
             if job.secret_ciphertext is not None:
-                secrets = self.secrets.decrypt(job.secret_ciphertext)
+                secrets = self.runtime.secrets.decrypt(job.secret_ciphertext)
             target = DeliveryTarget(id=job.target_id, name=job.target_name, config=job.config, secrets=secrets)
             result = await adapter.deliver(job.payload, target, message_id=str(job.id))
         except DistributionError as exc:
@@ -179,14 +147,22 @@ class Worker:
             )
         return redact(result, secrets.values())
 
-    async def record(self, job: ClaimedJob, result: DeliveryResult, *, delay: float | None = None) -> str | None:
+    async def record(
+        self,
+        job: ClaimedJob,
+        result: DeliveryResult,
+        *,
+        delay: float | None = None,
+        conn: asyncpg.Connection | None = None,
+    ) -> str | None:
         """Write the receipt and move the job on. Returns its new status, or None if it moved on already.
 
         ``delay`` overrides the retry schedule, for attempts that never got an answer to judge.
+        ``conn`` runs it on a connection the caller holds, inside the caller's transaction.
         """
         if delay is None:
             delay = 0.0 if result.succeeded else retry_delay(job.attempt, result.retry_after)
-        status = await self.pool.fetchval(
+        status = await (conn or self.pool).fetchval(
             queries.RECORD_ATTEMPT,
             job.id,
             job.attempt,

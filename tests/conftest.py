@@ -26,6 +26,7 @@ from wordclaw_mcp import queries
 from wordclaw_mcp.config import Settings
 from wordclaw_mcp.database import EmbeddedServer, apply_schema, connect
 from wordclaw_mcp.receiver import WebhookReceiver
+from wordclaw_mcp.runtime import Runtime
 from wordclaw_mcp.server import build_server
 from wordclaw_mcp.service import DistributionService
 
@@ -138,14 +139,19 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
-async def service(settings: Settings) -> AsyncIterator[DistributionService]:
-    async with DistributionService.open(settings) as opened:
+async def runtime(settings: Settings) -> AsyncIterator[Runtime]:
+    async with Runtime.open(settings) as opened:
         yield opened
 
 
 @pytest.fixture
-def worker(service: DistributionService) -> Worker:
-    return Worker.for_service(service)
+def service(runtime: Runtime) -> DistributionService:
+    return DistributionService(runtime)
+
+
+@pytest.fixture
+def worker(runtime: Runtime) -> Worker:
+    return Worker(runtime)
 
 
 @pytest.fixture

@@ -100,13 +100,13 @@ async def test_the_last_two_jobs_finishing_at_once_still_complete_the_plan(
 
     async def finish_second() -> None:
         async with second.transaction():
-            await second.fetchval(*_record_args(jobs[1], results[1]))
+            await worker.record(jobs[1], results[1], conn=second)
         second_done.set()
 
     try:
         async with anyio.create_task_group() as tg:
             async with first.transaction():
-                await first.fetchval(*_record_args(jobs[0], results[0]))
+                await worker.record(jobs[0], results[0], conn=first)
                 tg.start_soon(finish_second)
                 # The second waits on the plan row this transaction locked, whatever it saw.
                 with anyio.move_on_after(0.5):
@@ -116,21 +116,6 @@ async def test_the_last_two_jobs_finishing_at_once_still_complete_the_plan(
         await service.pool.release(first)
         await service.pool.release(second)
     assert (await service.get_plan(PlanRef(plan_id=plan.id))).status == "succeeded"
-
-
-def _record_args(job, result) -> tuple:
-    return (
-        queries.RECORD_ATTEMPT,
-        job.id,
-        job.attempt,
-        result.succeeded,
-        result.external_url,
-        result.status_code,
-        result.error,
-        result.raw_meta,
-        result.retryable,
-        0.0,
-    )
 
 
 async def test_mixed_outcomes_make_a_partial_plan(

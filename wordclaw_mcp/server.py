@@ -30,6 +30,7 @@ from .models import (
     TargetList,
     UpsertContentItemInput,
 )
+from .runtime import Runtime
 from .service import DistributionService
 
 log = logging.getLogger(__name__)
@@ -179,13 +180,14 @@ def build_server(settings: Settings | None = None) -> WordClawServer:
 
     @asynccontextmanager
     async def lifespan(_server: MCPServer[DistributionService]) -> AsyncIterator[DistributionService]:
-        async with DistributionService.open(settings) as service:
+        async with Runtime.open(settings) as runtime:
+            service = DistributionService(runtime)
             if not settings.worker_in_server:
                 yield service
                 return
             from queue_worker.worker import Worker
 
-            worker = Worker.for_service(service)
+            worker = Worker(runtime)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(worker.run)
                 try:

@@ -8,14 +8,10 @@ from typing import Any
 from uuid import UUID
 
 import anyio
-import asyncpg
 from pydantic import BaseModel, ValidationError
-
-from queue_worker.adapters import AdapterOptions, AdapterRegistry
 
 from . import errors, queries
 from .config import Settings
-from .database import open_pool
 from .models import (
     FINAL_PLAN_STATUSES,
     ContentItem,
@@ -32,8 +28,8 @@ from .models import (
     TransformPolicy,
     UpsertContentItemInput,
 )
-from .notifications import PLANS_CHANNEL, Notifications
-from .secrets import SecretBox
+from .notifications import PLANS_CHANNEL
+from .runtime import Runtime
 
 AWAIT_DELIVERY_SECONDS = 10.0
 # Waiters wake on NOTIFY; this is only the safety net for a lost notification.
@@ -41,43 +37,17 @@ AWAIT_POLL_SECONDS = 1.0
 
 
 class DistributionService:
-    def __init__(
-        self,
-        pool: asyncpg.Pool,
-        settings: Settings,
-        *,
-        adapters: AdapterRegistry,
-        secrets: SecretBox,
-        notifications: Notifications,
-    ) -> None:
-        self.pool = pool
-        self.settings = settings
-        self.adapters = adapters
-        self.secrets = secrets
-        self.notifications = notifications
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.settings = runtime.settings
+        self.pool = runtime.pool
+        self.adapters = runtime.adapters
 
     @classmethod
     @asynccontextmanager
     async def open(cls, settings: Settings) -> AsyncIterator[DistributionService]:
-        """Connect (starting the embedded database if needed), verify the schema, listen."""
-        pool, url = await open_pool(settings)
-        notifications = Notifications(url)
-        adapters = AdapterRegistry(
-            AdapterOptions(allow_private_targets=settings.allow_private_targets, timeout=settings.delivery_timeout)
-        )
-        try:
-            await notifications.start()
-            yield cls(
-                pool,
-                settings,
-                adapters=adapters,
-                secrets=SecretBox.from_settings(settings),
-                notifications=notifications,
-            )
-        finally:
-            await notifications.close()
-            await adapters.aclose()
-            await pool.close()
+        async with Runtime.open(settings) as runtime:
+            yield cls(runtime)
 
     # --- content -------------------------------------------------------------------------------
 
@@ -117,7 +87,7 @@ class DistributionService:
                     "Call register_target again without secrets.",
                 )
             secrets = _validate_part(adapter.secrets_model, request.secrets, "secrets", "INVALID_TARGET_SECRETS")
-            ciphertext = self.secrets.encrypt(secrets.model_dump(by_alias=True))
+            ciphertext = self.runtime.secrets.encrypt(secrets.model_dump(by_alias=True))
         await adapter.check_target(config)
         row = await self.pool.fetchrow(
             queries.INSERT_TARGET,
@@ -214,7 +184,7 @@ class DistributionService:
             if payload == key:
                 woken.set()
 
-        with self.notifications.subscribe(PLANS_CHANNEL, on_change), anyio.move_on_after(wait_seconds):
+        with self.runtime.notifications.subscribe(PLANS_CHANNEL, on_change), anyio.move_on_after(wait_seconds):
             # Subscribed before the first read, so a change between read and wait still wakes us.
             while await self.pool.fetchval(queries.GET_PLAN_STATUS, plan_id) not in FINAL_PLAN_STATUSES:
                 with anyio.move_on_after(AWAIT_POLL_SECONDS):

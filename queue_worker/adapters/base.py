@@ -66,8 +66,14 @@ class Adapter(ABC):
         """The payload for this channel. It is snapshotted when the job is queued."""
 
     @abstractmethod
-    async def deliver(self, payload: dict[str, Any], target: DeliveryTarget, *, message_id: str) -> DeliveryResult:
-        """Send one attempt. ``message_id`` is stable across retries of the same job."""
+    async def deliver(
+        self, payload: dict[str, Any], target: DeliveryTarget, *, message_id: str | None = None
+    ) -> DeliveryResult:
+        """Send one attempt.
+
+        The worker passes the job id as ``message_id``, stable across retries, so channels with
+        an idempotency key can use it; called without one, a fresh id is used.
+        """
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""

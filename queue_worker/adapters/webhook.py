@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -64,7 +65,10 @@ class WebhookAdapter(Adapter):
     def transform(self, content: ContentItem, policy: TransformPolicy) -> dict[str, Any]:
         return {"type": "content.distributed", "data": render_content(content, policy)}
 
-    async def deliver(self, payload: dict[str, Any], target: DeliveryTarget, *, message_id: str) -> DeliveryResult:
+    async def deliver(
+        self, payload: dict[str, Any], target: DeliveryTarget, *, message_id: str | None = None
+    ) -> DeliveryResult:
+        message_id = message_id or f"msg_{uuid.uuid4().hex}"
         url = str(target.config["url"])
         try:
             pinned = await netguard.check_url(url, allow_private=self.options.allow_private_targets, must_resolve=True)
