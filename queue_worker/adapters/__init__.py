@@ -46,6 +46,10 @@ class AdapterRegistry:
     def __init__(self, options: AdapterOptions | None = None) -> None:
         self._adapters = {name: cls(options) for name, cls in adapter_classes().items()}
 
+    def register(self, adapter: Adapter) -> None:
+        """Add or replace the adapter for its channel type (for embedding and benchmarks)."""
+        self._adapters[adapter.channel_type] = adapter
+
     @property
     def channel_types(self) -> list[str]:
         return sorted(self._adapters)
