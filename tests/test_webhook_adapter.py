@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import ssl
 import uuid
 from datetime import UTC, datetime
+from urllib.parse import urlsplit
 
 import pytest
+import trustme
 from standardwebhooks import Webhook
 
 from queue_worker.adapters import AdapterOptions, DeliveryTarget, WebhookAdapter, truncate
@@ -132,11 +135,54 @@ def test_address_classification(address: str, public: bool) -> None:
     assert netguard.is_public(ipaddress.ip_address(address)) is public
 
 
-async def test_pinning_rewrites_the_host_to_the_checked_address() -> None:
+async def test_pinning_rewrites_the_host_to_each_checked_address() -> None:
     pinned = await netguard.check_url("http://user:pw@localhost:8080/a?b=1", allow_private=True)
-    assert pinned is not None
-    assert pinned.url in {"http://127.0.0.1:8080/a?b=1", "http://[::1]:8080/a?b=1"}
-    assert (pinned.host_header, pinned.sni_hostname) == ("localhost:8080", "localhost")
+    assert pinned
+    assert {p.url for p in pinned} <= {"http://127.0.0.1:8080/a?b=1", "http://[::1]:8080/a?b=1"}
+    assert {(p.host_header, p.sni_hostname) for p in pinned} == {("localhost:8080", "localhost")}
+
+
+async def test_an_address_that_refuses_the_connection_falls_back_to_the_next(
+    adapter: WebhookAdapter, receiver: WebhookReceiver
+) -> None:
+    closed = WebhookReceiver()
+    dead_url = closed.url
+    closed.close()
+    host = "hooks.example:1"
+    addresses = [
+        netguard.PinnedURL(url=dead_url, host_header=host, sni_hostname="hooks.example"),
+        netguard.PinnedURL(url=receiver.url, host_header=host, sni_hostname="hooks.example"),
+    ]
+    response = await adapter._post(addresses, b"{}", {"content-type": "application/json"})
+    assert response.status_code == 200
+    assert receiver.requests[0].headers["host"] == host
+
+
+def tls_receiver(ca: trustme.CA, hostname: str) -> WebhookReceiver:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(hostname).configure_cert(context)
+    return WebhookReceiver(tls=context)
+
+
+async def test_https_is_pinned_to_the_checked_address_and_still_verifies_the_name(tmp_path) -> None:
+    ca = trustme.CA()
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    adapter = WebhookAdapter(AdapterOptions(allow_private_targets=True, timeout=5.0, ca_bundle=str(ca_file)))
+    try:
+        with tls_receiver(ca, "localhost") as receiver:
+            url = receiver.url.replace("127.0.0.1", "localhost")
+            result = await adapter.deliver(PAYLOAD, target(url), message_id="m")
+            assert result.succeeded, result.error
+            assert receiver.requests[0].headers["host"] == urlsplit(url).netloc
+        with tls_receiver(ca, "someone-else.example") as impostor:
+            url = impostor.url.replace("127.0.0.1", "localhost")
+            result = await adapter.deliver(PAYLOAD, target(url), message_id="m")
+            assert not result.succeeded
+            assert "CERTIFICATE_VERIFY_FAILED" in result.error
+            assert impostor.requests == []
+    finally:
+        await adapter.aclose()
 
 
 def content(body: str = "# Title\n\nA **bold** claim and more words here.") -> ContentItem:

@@ -33,6 +33,7 @@ class Settings:
     home: Path = field(default_factory=default_home)
     secret_keys: tuple[str, ...] = ()
     allow_private_targets: bool = False
+    ca_bundle: str | None = None
     run_worker: bool | None = None
     agent_id: str = "local-agent"
     max_attempts: int = 8
@@ -53,6 +54,7 @@ class Settings:
             home=Path(home).expanduser() if home else default_home(),
             secret_keys=tuple(k.strip() for k in keys.split(",") if k.strip()),
             allow_private_targets=_flag("WORDCLAW_ALLOW_PRIVATE_TARGETS"),
+            ca_bundle=os.environ.get("WORDCLAW_CA_BUNDLE") or None,
             run_worker=None if run_worker is None else _flag("WORDCLAW_RUN_WORKER"),
             agent_id=os.environ.get("WORDCLAW_AGENT_ID", "local-agent"),
             max_attempts=_int("WORDCLAW_MAX_ATTEMPTS", 8),

@@ -53,11 +53,12 @@ async def resolve(host: str, port: int) -> list[IPAddress]:
     return [ipaddress.ip_address(info[4][0]) for info in infos]
 
 
-async def check_url(url: str, *, allow_private: bool, must_resolve: bool = False) -> PinnedURL | None:
-    """Raise TARGET_ADDRESS_FORBIDDEN if the URL's host is not public; return it pinned.
+async def check_url(url: str, *, allow_private: bool, must_resolve: bool = False) -> list[PinnedURL]:
+    """Raise TARGET_ADDRESS_FORBIDDEN if any address of the URL's host is not public.
 
-    Returns None when the name does not resolve and ``must_resolve`` is false: registration
-    accepts a name that is down today, and delivery checks it again.
+    Returns the URL pinned to each address, in the resolver's order, for the caller to try in
+    turn as any client would. Returns [] when the name does not resolve and ``must_resolve``
+    is false: registration accepts a name that is down today, and delivery checks it again.
     """
     parts = urlsplit(url)
     host = parts.hostname or ""
@@ -71,14 +72,16 @@ async def check_url(url: str, *, allow_private: bool, must_resolve: bool = False
                 f"The target host {host} could not be resolved.",
                 "Check the hostname in the target's URL.",
             ) from exc
-        return None
+        return []
     if not allow_private:
         for address in addresses:
             if not is_public(address):
                 raise forbidden(host, address)
-    chosen = addresses[0]
-    literal = f"[{chosen}]" if chosen.version == 6 else str(chosen)
-    netloc = f"{literal}:{parts.port}" if parts.port else literal
     host_header = parts.netloc.rpartition("@")[2]
-    pinned = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-    return PinnedURL(url=pinned, host_header=host_header, sni_hostname=host)
+    pinned = []
+    for address in dict.fromkeys(addresses):  # getaddrinfo repeats an address per socket type
+        literal = f"[{address}]" if address.version == 6 else str(address)
+        netloc = f"{literal}:{parts.port}" if parts.port else literal
+        url = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+        pinned.append(PinnedURL(url=url, host_header=host_header, sni_hostname=host))
+    return pinned

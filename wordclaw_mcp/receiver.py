@@ -6,6 +6,7 @@ given status and body, to answer slowly, or to hang until it is closed.
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ class Behaviour:
 
 
 class WebhookReceiver:
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, tls: ssl.SSLContext | None = None) -> None:
         self.behaviour = Behaviour()
         self.requests: list[ReceivedRequest] = []
         self._changed = threading.Condition()
@@ -64,6 +65,9 @@ class WebhookReceiver:
                 pass
 
         self._server = ThreadingHTTPServer((host, port), Handler)
+        if tls is not None:
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
+        self._scheme = "https" if tls is not None else "http"
         self._server.daemon_threads = True
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="webhook-receiver", daemon=True
@@ -72,7 +76,7 @@ class WebhookReceiver:
     @property
     def url(self) -> str:
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}/hooks/wordclaw"
+        return f"{self._scheme}://{host}:{port}/hooks/wordclaw"
 
     def start(self) -> WebhookReceiver:
         self._thread.start()

@@ -31,7 +31,11 @@ class Runtime:
         pool, url = await open_pool(settings)
         notifications = Notifications(url)
         adapters = AdapterRegistry(
-            AdapterOptions(allow_private_targets=settings.allow_private_targets, timeout=settings.delivery_timeout)
+            AdapterOptions(
+                allow_private_targets=settings.allow_private_targets,
+                timeout=settings.delivery_timeout,
+                ca_bundle=settings.ca_bundle,
+            )
         )
         try:
             await notifications.start()

@@ -43,6 +43,7 @@ class DeliveryResult:
 class AdapterOptions:
     allow_private_targets: bool = False
     timeout: float = 15.0
+    ca_bundle: str | None = None  # PEM file of CAs to trust instead of the certifi bundle
 
 
 class Adapter(ABC):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 import time
 import uuid
 from datetime import UTC, datetime
@@ -71,20 +72,20 @@ class WebhookAdapter(Adapter):
         message_id = message_id or f"msg_{uuid.uuid4().hex}"
         url = str(target.config["url"])
         try:
-            pinned = await netguard.check_url(url, allow_private=self.options.allow_private_targets, must_resolve=True)
+            addresses = await netguard.check_url(
+                url, allow_private=self.options.allow_private_targets, must_resolve=True
+            )
         except DistributionError as exc:
             return DeliveryResult(
                 succeeded=False,
                 error=f"{exc.code}: {exc.message}",
                 retryable=exc.code == "TARGET_UNRESOLVABLE",
             )
-        assert pinned is not None
         body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
         sent_at = datetime.now(UTC)
         headers = {
             "content-type": "application/json",
             "user-agent": USER_AGENT,
-            "host": pinned.host_header,
             "webhook-id": message_id,
             "webhook-timestamp": str(int(sent_at.timestamp())),
         }
@@ -93,12 +94,7 @@ class WebhookAdapter(Adapter):
 
         started = time.monotonic()
         try:
-            response = await self._http().post(
-                pinned.url,
-                content=body.encode(),
-                headers=headers,
-                extensions={"sni_hostname": pinned.sni_hostname},
-            )
+            response = await self._post(addresses, body.encode(), headers)
         except httpx.TimeoutException:
             return DeliveryResult(
                 succeeded=False,
@@ -109,11 +105,29 @@ class WebhookAdapter(Adapter):
             return DeliveryResult(succeeded=False, retryable=True, error=f"{type(exc).__name__}: {exc}")
         return _outcome(response, url, elapsed_ms=round((time.monotonic() - started) * 1000))
 
+    async def _post(self, addresses: list[netguard.PinnedURL], body: bytes, headers: dict[str, str]) -> httpx.Response:
+        """POST to the first checked address that accepts a connection."""
+        for index, pinned in enumerate(addresses):
+            try:
+                return await self._http().post(
+                    pinned.url,
+                    content=body,
+                    headers={**headers, "host": pinned.host_header},
+                    extensions={"sni_hostname": pinned.sni_hostname},
+                )
+            except httpx.ConnectError:
+                if index == len(addresses) - 1:
+                    raise
+        raise AssertionError("check_url(must_resolve=True) returns at least one address")
+
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
             # No redirects (a 3xx is a failure, and following one would skip the address check);
             # trust_env=False so an ambient proxy cannot undo the pinning.
-            self._client = httpx.AsyncClient(timeout=self.options.timeout, follow_redirects=False, trust_env=False)
+            verify = ssl.create_default_context(cafile=self.options.ca_bundle) if self.options.ca_bundle else True
+            self._client = httpx.AsyncClient(
+                timeout=self.options.timeout, follow_redirects=False, trust_env=False, verify=verify
+            )
         return self._client
 
     async def aclose(self) -> None:
