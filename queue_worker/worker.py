@@ -75,6 +75,7 @@ class Worker:
                         deliveries.start_soon(self._process, job)
                     if claimed and len(claimed) == min(free, self.settings.worker_batch_size):
                         continue  # a full batch: there may be more due right now
+                    await self.runtime.notifications.ensure()
                     with anyio.move_on_after(self.settings.poll_interval):
                         await self._wake.wait()
                     self._wake = anyio.Event()

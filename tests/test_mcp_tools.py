@@ -270,3 +270,32 @@ async def test_await_delivery_returns_the_current_state_after_ten_seconds(
     assert plan["awaitTimedOut"] is True
     assert plan["status"] in {"queued", "running"}
     assert plan["jobs"][0]["status"] in {"queued", "running"}
+
+
+async def test_a_lost_database_connection_is_a_coded_error_and_the_next_call_recovers(
+    mcp_client_no_worker: Client, settings: Settings, postgres_server_url: str
+) -> None:
+    """Killing the server's backends either surfaces as DATABASE_UNAVAILABLE or is absorbed by the
+    pool reconnecting, depending on when the client library notices; never anything else."""
+    database = settings.database_url.rsplit("/", 1)[1]
+    seen = set()
+    for _ in range(5):
+        await call(mcp_client_no_worker, "list_targets")  # the pool holds a live connection
+        admin = await asyncpg.connect(postgres_server_url)
+        try:
+            killed = await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = $1 "
+                "AND pid <> pg_backend_pid()",
+                database,
+            )
+        finally:
+            await admin.close()
+        assert killed >= 1
+        result = await mcp_client_no_worker.call_tool("list_targets", {})
+        if result.is_error:
+            error = json.loads(result.content[0].text)["error"]
+            assert error["code"] == "DATABASE_UNAVAILABLE", error
+            assert error["remediation"].startswith("Retry")
+        seen.add(result.is_error)
+        assert (await call(mcp_client_no_worker, "list_targets"))["targets"] == []
+    assert seen, "at least one round ran"

@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 
 from queue_worker.worker import Worker
-from tests.helpers import new_signing_secret, publish
+from tests.helpers import eventually, new_signing_secret, publish
 from wordclaw_mcp import queries
 from wordclaw_mcp.models import (
     CreateDistributionPlanInput,
@@ -19,6 +19,7 @@ from wordclaw_mcp.models import (
     UpsertContentItemInput,
 )
 from wordclaw_mcp.receiver import WebhookReceiver
+from wordclaw_mcp.runtime import Runtime
 from wordclaw_mcp.service import DistributionService
 
 pytestmark = pytest.mark.anyio
@@ -324,3 +325,43 @@ async def test_await_plan_wakes_on_notification_not_the_poll(
             await worker.run_once()
     assert result["plan"].status == "succeeded"
     assert result["plan"].await_timed_out is False
+
+
+async def test_await_plan_is_woken_again_after_the_listen_connection_is_lost(
+    runtime: Runtime,
+    service: DistributionService,
+    worker: Worker,
+    receiver: WebhookReceiver,
+    postgres_server_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    admin = await asyncpg.connect(postgres_server_url)
+    try:
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+            runtime.settings.database_url.rsplit("/", 1)[1],
+        )
+    finally:
+        await admin.close()
+    # The client library notices the kill asynchronously.
+    await eventually(lambda: _true(not runtime.notifications.connected))
+    await runtime.pool.expire_connections()
+    monkeypatch.setattr("wordclaw_mcp.notifications.RECONNECT_INTERVAL", 0.0)
+    # Only the re-established LISTEN can end this wait in time: the poll is pushed out of reach.
+    monkeypatch.setattr("wordclaw_mcp.service.AWAIT_POLL_SECONDS", 60.0)
+    plan, _ = await publish(service, [receiver.url])
+    result = {}
+
+    async def wait() -> None:
+        result["plan"] = await service.await_plan(plan.id, 30)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait)
+            await eventually(lambda: _true(runtime.notifications.connected))
+            await worker.run_once()
+    assert result["plan"].status == "succeeded"
+
+
+async def _true(value: bool) -> bool:
+    return value

@@ -8,8 +8,6 @@ from typing import Any
 class DistributionError(Exception):
     """A failure the caller can act on. ``code`` is stable API; the texts are for reading."""
 
-    code: str = "INTERNAL_ERROR"
-
     def __init__(self, code: str, message: str, remediation: str, **details: Any) -> None:
         super().__init__(message)
         self.code = code
@@ -69,8 +67,8 @@ class DatabaseUnavailable(DistributionError):
         super().__init__(
             "DATABASE_UNAVAILABLE",
             f"The distribution database could not be reached: {reason}",
-            "Check WORDCLAW_DATABASE_URL (or unset it to use the embedded database) and that the "
-            "server is running, then retry.",
+            "Retry shortly. If it persists, check WORDCLAW_DATABASE_URL (or unset it to use the embedded "
+            "database) and that the database server is running.",
         )
 
 

@@ -25,8 +25,8 @@ class ApiModel(BaseModel):
 class UpsertContentItemInput(ApiModel):
     id: UUID | None = Field(None, description="Omit to create a new item; give an existing id to update it.")
     title: Annotated[str, Field(min_length=1, max_length=500)]
-    body: str = Field(description="The body as Markdown.")
-    summary: str | None = None
+    body: str = Field(max_length=1_000_000, description="The body as Markdown, up to 1,000,000 characters.")
+    summary: Annotated[str | None, Field(max_length=5_000)] = None
     canonical_url: HttpUrl | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,24 +20,47 @@ JOBS_CHANNEL = "wordclaw_jobs"  # payload: empty; new jobs are queued
 Callback = Callable[[str], None]
 
 
+RECONNECT_INTERVAL = 5.0
+
+
 class Notifications:
     """Waiters must not rely on a notification arriving: they also poll with a deadline,
-    because NOTIFY is lost while the connection is being re-established."""
+    because NOTIFY is lost while the connection is down.
+
+    A lost connection (a database restart, a killed backend) is re-established lazily by
+    ``ensure()``, which the worker loop and waiters call, at most every few seconds.
+    """
 
     def __init__(self, url: str) -> None:
         self._url = url
         self._conn: asyncpg.Connection | None = None
         self._callbacks: dict[str, set[Callback]] = defaultdict(set)
+        self._next_attempt = 0.0
 
     async def start(self) -> None:
-        self._conn = await connect(self._url)
+        conn = await connect(self._url)
         for channel in (PLANS_CHANNEL, JOBS_CHANNEL):
-            await self._conn.add_listener(channel, self._dispatch)
+            await conn.add_listener(channel, self._dispatch)
+        self._conn = conn
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and not self._conn.is_closed()
+
+    async def ensure(self) -> None:
+        if self.connected or time.monotonic() < self._next_attempt:
+            return
+        self._next_attempt = time.monotonic() + RECONNECT_INTERVAL
+        try:
+            await self.start()
+            log.info("LISTEN connection re-established")
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("LISTEN connection is down (%s); relying on polling", type(exc).__name__)
 
     async def close(self) -> None:
-        if self._conn is not None:
+        if self._conn is not None and not self._conn.is_closed():
             await self._conn.close()
-            self._conn = None
+        self._conn = None
 
     @contextmanager
     def subscribe(self, channel: str, callback: Callback) -> Iterator[None]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import anyio
+import asyncpg
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
@@ -18,7 +19,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from . import errors
 from .config import Settings
-from .errors import DistributionError
+from .errors import DatabaseUnavailable, DistributionError
 from .models import (
     ContentItem,
     CreateDistributionPlanInput,
@@ -49,16 +50,39 @@ Errors come back as {"error": {"code", "message", "remediation"}}; the code is s
 class WordClawServer(MCPServer[DistributionService]):
     """Every failure a caller can cause comes back as a coded tool error, never a traceback."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tool_arguments: dict[str, frozenset[str]] = {}
+        self.runtime: Runtime | None = None  # set while the lifespan is open
+
     async def call_tool(
         self, name: str, arguments: dict[str, Any], context: Context[DistributionService, Any] | None = None
     ) -> Any:
         try:
-            _check_arguments(self, name, arguments)
+            self._check_arguments(name, arguments)
             return await super().call_tool(name, arguments, context)
         except DistributionError as exc:
             return error_result(exc)
         except ToolError as exc:
-            return error_result(_classify(name, exc))
+            error = _classify(name, exc)
+            if isinstance(error, DatabaseUnavailable) and self.runtime is not None:
+                # A restart kills every pooled connection at once; replace them all now rather
+                # than fail one more call per dead connection.
+                await self.runtime.pool.expire_connections()
+            return error_result(error)
+
+    def _check_arguments(self, name: str, arguments: dict[str, Any]) -> None:
+        allowed = self.tool_arguments.get(name)
+        if allowed is None:
+            raise DistributionError(
+                "UNKNOWN_TOOL", f"There is no tool named {name!r}.", "Call tools/list for the tools this server offers."
+            )
+        # The SDK ignores unexpected arguments; an agent that misspells one deserves to hear so.
+        unknown = sorted(set(arguments) - allowed)
+        if unknown:
+            raise errors.validation_error(
+                f"Unknown argument(s) for {name}: {', '.join(unknown)}.", allowedArguments=sorted(allowed)
+            )
 
 
 def error_result(error: DistributionError) -> CallToolResult:
@@ -68,29 +92,29 @@ def error_result(error: DistributionError) -> CallToolResult:
     )
 
 
-def _check_arguments(server: MCPServer[Any], name: str, arguments: dict[str, Any]) -> None:
-    tool = server._tool_manager.get_tool(name)
-    if tool is None:
-        raise DistributionError(
-            "UNKNOWN_TOOL", f"There is no tool named {name!r}.", "Call tools/list for the tools this server offers."
-        )
-    # The SDK ignores unexpected arguments; an agent that misspells one deserves to hear so.
-    unknown = sorted(set(arguments) - set(tool.parameters.get("properties", {})))
-    if unknown:
-        raise errors.validation_error(
-            f"Unknown argument(s) for {name}: {', '.join(unknown)}.",
-            allowedArguments=sorted(tool.parameters.get("properties", {})),
-        )
+# Lost connections, and the server shutting down or killing our backend (SQLSTATE class 57).
+# asyncpg reports a kill that arrived while the connection sat idle in the pool as an
+# InternalClientError on the next query.
+_CONNECTION_ERRORS = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    asyncpg.exceptions.OperatorInterventionError,
+)
 
 
 def _classify(name: str, exc: ToolError) -> DistributionError:
     cause = exc.__cause__
-    while cause is not None and not isinstance(cause, DistributionError | ValidationError):
+    while cause is not None and not isinstance(cause, (DistributionError, ValidationError, *_CONNECTION_ERRORS)):
         cause = cause.__cause__
     if isinstance(cause, DistributionError):
         return cause
     if isinstance(cause, ValidationError):
         return errors.validation_error(f"Invalid arguments for {name}: {errors.describe_validation(cause.errors())}.")
+    if isinstance(cause, _CONNECTION_ERRORS):
+        log.warning("tool %s lost the database: %s", name, type(cause).__name__)
+        return DatabaseUnavailable(f"the connection failed during {name} ({type(cause).__name__})")
     log.error("tool %s failed unexpectedly", name, exc_info=exc)
     return DistributionError(
         "INTERNAL_ERROR",
@@ -141,7 +165,7 @@ TOOLS: tuple[ToolSpec, ...] = (
 )
 
 
-def add_model_tool(server: MCPServer[DistributionService], spec: ToolSpec) -> None:
+def add_model_tool(server: WordClawServer, spec: ToolSpec) -> None:
     """Register ``spec`` so that its arguments are exactly its input model's fields.
 
     The SDK derives a tool's input schema from a function signature, so the signature is made
@@ -166,6 +190,7 @@ def add_model_tool(server: MCPServer[DistributionService], spec: ToolSpec) -> No
 
     tool.__signature__ = inspect.Signature(parameters, return_annotation=spec.output_model)  # type: ignore[attr-defined]
     tool.__annotations__ = {p.name: p.annotation for p in parameters} | {"return": spec.output_model}
+    server.tool_arguments[spec.name] = frozenset(p.name for p in parameters[1:])
     server.add_tool(
         tool,
         name=spec.name,
@@ -179,8 +204,9 @@ def build_server(settings: Settings | None = None) -> WordClawServer:
     settings = settings or Settings.from_env()
 
     @asynccontextmanager
-    async def lifespan(_server: MCPServer[DistributionService]) -> AsyncIterator[DistributionService]:
+    async def lifespan(server: WordClawServer) -> AsyncIterator[DistributionService]:
         async with Runtime.open(settings) as runtime:
+            server.runtime = runtime
             service = DistributionService(runtime)
             if not settings.worker_in_server:
                 yield service

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 from uuid import UUID
 
@@ -11,7 +9,6 @@ import anyio
 from pydantic import BaseModel, ValidationError
 
 from . import errors, queries
-from .config import Settings
 from .models import (
     FINAL_PLAN_STATUSES,
     ContentItem,
@@ -42,12 +39,6 @@ class DistributionService:
         self.settings = runtime.settings
         self.pool = runtime.pool
         self.adapters = runtime.adapters
-
-    @classmethod
-    @asynccontextmanager
-    async def open(cls, settings: Settings) -> AsyncIterator[DistributionService]:
-        async with Runtime.open(settings) as runtime:
-            yield cls(runtime)
 
     # --- content -------------------------------------------------------------------------------
 
@@ -167,12 +158,12 @@ class DistributionService:
         return await self._plan(ref.plan_id)
 
     async def cancel_plan(self, ref: PlanRef) -> Plan:
-        await self._plan(ref.plan_id)
+        await self._require_plan(ref.plan_id)
         await self.pool.execute(queries.CANCEL_PLAN, ref.plan_id)
         return await self._plan(ref.plan_id)
 
     async def get_receipts(self, ref: PlanRef) -> ReceiptList:
-        await self._plan(ref.plan_id)
+        await self._require_plan(ref.plan_id)
         return ReceiptList(plan_id=ref.plan_id, receipts=await self._receipts(ref.plan_id))
 
     async def await_plan(self, plan_id: UUID, wait_seconds: float) -> Plan:
@@ -187,6 +178,7 @@ class DistributionService:
         with self.runtime.notifications.subscribe(PLANS_CHANNEL, on_change), anyio.move_on_after(wait_seconds):
             # Subscribed before the first read, so a change between read and wait still wakes us.
             while await self.pool.fetchval(queries.GET_PLAN_STATUS, plan_id) not in FINAL_PLAN_STATUSES:
+                await self.runtime.notifications.ensure()
                 with anyio.move_on_after(AWAIT_POLL_SECONDS):
                     await woken.wait()
                 woken = anyio.Event()
@@ -194,6 +186,10 @@ class DistributionService:
         plan.receipts = await self._receipts(plan_id)
         plan.await_timed_out = plan.status not in FINAL_PLAN_STATUSES
         return plan
+
+    async def _require_plan(self, plan_id: UUID) -> None:
+        if await self.pool.fetchval(queries.GET_PLAN_STATUS, plan_id) is None:
+            raise errors.plan_not_found(plan_id)
 
     async def _plan(self, plan_id: UUID) -> Plan:
         row = await self.pool.fetchrow(queries.GET_PLAN, plan_id)
