@@ -11,6 +11,7 @@
 --     |                  |
 --     +---retry (attempt > 0, next_attempt_at in the future)
 --   queued --cancel_plan--> cancelled
+--   running --lease expired (the worker vanished)--> queued, or failed when out of attempts
 --
 -- The plan's status is derived from its jobs by a trigger in the same transaction as the
 -- job change, so no code path can update a job and forget the plan.
@@ -87,6 +88,11 @@ CREATE TABLE IF NOT EXISTS distribution_jobs (
 CREATE INDEX IF NOT EXISTS distribution_jobs_claim
     ON distribution_jobs (next_attempt_at)
     WHERE status = 'queued';
+
+-- Serves the rescue of attempts whose worker vanished (killed, or lost its database).
+CREATE INDEX IF NOT EXISTS distribution_jobs_leases
+    ON distribution_jobs (lease_expires_at)
+    WHERE status = 'running';
 
 CREATE INDEX IF NOT EXISTS distribution_jobs_plan ON distribution_jobs (plan_id);
 

@@ -14,6 +14,7 @@ import anyio
 import asyncpg
 
 from wordclaw_mcp import queries
+from wordclaw_mcp.database import CONNECTION_ERRORS
 from wordclaw_mcp.errors import DistributionError
 from wordclaw_mcp.notifications import JOBS_CHANNEL
 from wordclaw_mcp.runtime import Runtime
@@ -24,6 +25,10 @@ from .retry import retry_delay
 log = logging.getLogger(__name__)
 
 REDACTED = "[redacted]"
+# Leases are settings.lease_seconds long (far past a delivery's timeout), so checking for
+# expired ones every half minute finds a vanished worker's jobs soon enough.
+RESCUE_INTERVAL = 30.0
+RESCUE_BATCH = 100
 
 
 @dataclass(frozen=True)
@@ -65,15 +70,25 @@ class Worker:
 
     async def run(self) -> None:
         log.info("worker %s started (concurrency %d)", self.name, self.settings.worker_concurrency)
+        next_rescue = 0.0
         with self.runtime.notifications.subscribe(JOBS_CHANNEL, lambda _payload: self._wake.set()):
             async with anyio.create_task_group() as deliveries:
                 while not self._stopping:
-                    free = self.settings.worker_concurrency - self._in_flight
-                    claimed = await self.claim(min(free, self.settings.worker_batch_size)) if free > 0 else []
+                    batch = min(self.settings.worker_concurrency - self._in_flight, self.settings.worker_batch_size)
+                    try:
+                        if anyio.current_time() >= next_rescue:
+                            await self.rescue()
+                            next_rescue = anyio.current_time() + RESCUE_INTERVAL
+                        claimed = await self.claim(batch)
+                    except CONNECTION_ERRORS as exc:
+                        # Ride out a database restart: keep the in-flight work, retry after the poll.
+                        log.warning("worker %s lost the database (%s); retrying", self.name, type(exc).__name__)
+                        await self.pool.expire_connections()
+                        claimed = []
                     for job in claimed:
                         self._started()
                         deliveries.start_soon(self._process, job)
-                    if claimed and len(claimed) == min(free, self.settings.worker_batch_size):
+                    if claimed and len(claimed) == batch:
                         continue  # a full batch: there may be more due right now
                     await self.runtime.notifications.ensure()
                     with anyio.move_on_after(self.settings.poll_interval):
@@ -90,6 +105,13 @@ class Worker:
             return []
         rows = await self.pool.fetch(queries.CLAIM_JOBS, limit, float(self.settings.lease_seconds), self.name)
         return [ClaimedJob.from_row(row) for row in rows]
+
+    async def rescue(self) -> int:
+        """Requeue (or fail) attempts whose lease ran out. Returns how many were rescued."""
+        rescued = await self.pool.fetch(queries.RESCUE_EXPIRED_LEASES, RESCUE_BATCH)
+        if rescued:
+            log.warning("rescued %d attempt(s) whose worker stopped responding", len(rescued))
+        return len(rescued)
 
     async def run_once(self) -> int:
         """Claim one batch and deliver it to the end. For tests and one-shot runs."""
@@ -114,19 +136,23 @@ class Worker:
         try:
             result = await self.deliver(job)
         except anyio.get_cancelled_exc_class():
+            interrupted = DeliveryResult(
+                succeeded=False,
+                retryable=True,
+                error="The worker shut down before this attempt finished; its outcome is unknown.",
+            )
             with anyio.CancelScope(shield=True):
-                interrupted = DeliveryResult(
-                    succeeded=False,
-                    retryable=True,
-                    error="The worker shut down before this attempt finished; its outcome is unknown.",
-                )
-                await self.record(job, interrupted, delay=0.0)
-                self._finished()
+                try:
+                    await self.record(job, interrupted, delay=0.0)
+                except Exception:
+                    log.exception("recording the interrupted attempt of job %s failed; its lease will expire", job.id)
+                finally:
+                    self._finished()
             raise
         try:
             await self.record(job, result)
         except Exception:
-            # The lease will expire and the job be retried; nothing else to do from here.
+            # The job keeps its lease; rescue() requeues it once the lease runs out.
             log.exception("recording attempt %d of job %s failed", job.attempt, job.id)
         finally:
             self._finished()

@@ -11,12 +11,13 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
+import asyncpg
 import pytest
 from anyio.abc import Process
 from cryptography.fernet import Fernet
 from mcp import Client, StdioServerParameters
 
-from tests.helpers import call
+from tests.helpers import call, eventually
 from wordclaw_mcp.receiver import WebhookReceiver
 
 pytestmark = pytest.mark.anyio
@@ -80,6 +81,52 @@ async def test_stdio_server_and_a_separate_worker_deliver_a_webhook(
     [receipt] = plan["receipts"]
     assert (receipt["succeeded"], receipt["statusCode"], receipt["attempt"]) == (True, 200, 1)
     assert len(receiver.requests) == 1
+
+
+async def test_a_killed_workers_job_is_rescued_and_delivered_by_another(
+    database_url: str, receiver: WebhookReceiver, tmp_path: Path
+) -> None:
+    env = clean_env(
+        WORDCLAW_DATABASE_URL=database_url,
+        WORDCLAW_ALLOW_PRIVATE_TARGETS="1",
+        WORDCLAW_SECRET_KEYS=Fernet.generate_key().decode(),
+        WORDCLAW_HOME=str(tmp_path / "home"),
+    )
+    receiver.behaviour.hang = True
+    params = StdioServerParameters(command=str(BIN / "wordclaw-mcp"), args=["--no-worker"], env=env)
+    async with Client(params) as client:
+        item = await call(client, "upsert_content_item", title="Rescued", body="b")
+        target = await call(client, "register_target", name="hook", channelType="webhook", config={"url": receiver.url})
+        plan = await call(client, "create_distribution_plan", contentItemId=item["id"], targetIds=[target["id"]])
+
+        async with worker_process(env, tmp_path / "doomed.log") as doomed:
+            await anyio.to_thread.run_sync(receiver.wait_for, 1)  # the attempt is in flight
+            doomed.kill()  # SIGKILL: no chance to record anything
+            await doomed.wait()
+        assert (await call(client, "get_plan", planId=plan["id"]))["jobs"][0]["status"] == "running"
+
+        # The lease would run out after two minutes; end it now rather than wait.
+        conn = await asyncpg.connect(database_url)
+        try:
+            await conn.execute("UPDATE distribution_jobs SET lease_expires_at = now() - interval '1 second'")
+        finally:
+            await conn.close()
+        receiver.behaviour.hang = False
+        log = tmp_path / "rescuer.log"
+        async with worker_process(env, log) as rescuer:
+            await anyio.to_thread.run_sync(receiver.wait_for, 2)
+            done = await eventually(lambda: _final(client, plan["id"]))
+            assert await stop(rescuer, log) == 0
+        receipts = (await call(client, "get_receipts", planId=plan["id"]))["receipts"]
+    assert done["status"] == "succeeded"
+    assert done["jobs"][0]["attempt"] == 2
+    assert [(r["attempt"], r["succeeded"]) for r in receipts] == [(1, False), (2, True)]
+    assert "stopped responding" in receipts[0]["errorMessage"]
+
+
+async def _final(client: Client, plan_id: str) -> dict | None:
+    plan = await call(client, "get_plan", planId=plan_id)
+    return plan if plan["status"] not in {"queued", "running"} else None
 
 
 def embedded_postgres_running(home: Path) -> bool:

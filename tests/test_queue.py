@@ -365,3 +365,62 @@ async def test_await_plan_is_woken_again_after_the_listen_connection_is_lost(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_an_attempt_whose_lease_ran_out_is_rescued_with_a_receipt(
+    service: DistributionService, worker: Worker, receiver: WebhookReceiver, db: asyncpg.Connection
+) -> None:
+    plan, _ = await publish(service, [receiver.url])
+    [stale] = await worker.claim(1)  # this worker then "vanishes" without recording anything
+    assert await worker.rescue() == 0, "a live lease is left alone"
+    await db.execute("UPDATE distribution_jobs SET lease_expires_at = now() - interval '1 second'")
+
+    assert await worker.rescue() == 1
+    job = (await service.get_plan(PlanRef(plan_id=plan.id))).jobs[0]
+    assert (job.status, job.attempt) == ("queued", 1)
+    [lost] = (await service.get_receipts(PlanRef(plan_id=plan.id))).receipts
+    assert (lost.attempt, lost.succeeded) == (1, False) and "stopped responding" in lost.error_message
+
+    assert await worker.run_once() == 1
+    # The vanished worker's late answer is receipted but cannot overwrite attempt 2.
+    assert await worker.record(stale, await worker.deliver(stale)) is None
+    done = await service.get_plan(PlanRef(plan_id=plan.id))
+    assert (done.status, done.jobs[0].attempt) == ("succeeded", 2)
+    receipts = (await service.get_receipts(PlanRef(plan_id=plan.id))).receipts
+    assert sorted((r.attempt, r.succeeded) for r in receipts) == [(1, False), (1, True), (2, True)]
+
+
+async def test_a_rescued_attempt_that_was_the_last_allowed_fails_the_job(
+    service: DistributionService, worker: Worker, receiver: WebhookReceiver, db: asyncpg.Connection
+) -> None:
+    plan, _ = await publish(service, [receiver.url])
+    await db.execute("UPDATE distribution_jobs SET max_attempts = 1")
+    await worker.claim(1)
+    await db.execute("UPDATE distribution_jobs SET lease_expires_at = now() - interval '1 second'")
+    assert await worker.rescue() == 1
+    done = await service.get_plan(PlanRef(plan_id=plan.id))
+    assert (done.status, done.jobs[0].status) == ("failed", "failed")
+
+
+async def test_the_worker_daemon_rides_out_losing_its_database(
+    runtime: Runtime,
+    service: DistributionService,
+    worker: Worker,
+    receiver: WebhookReceiver,
+    postgres_server_url: str,
+) -> None:
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        admin = await asyncpg.connect(postgres_server_url)
+        try:
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+                runtime.settings.database_url.rsplit("/", 1)[1],
+            )
+        finally:
+            await admin.close()
+        await runtime.pool.expire_connections()
+        plan, _ = await publish(service, [receiver.url])
+        done = await service.await_plan(plan.id, 15)
+        worker.stop()
+    assert done.status == "succeeded", done

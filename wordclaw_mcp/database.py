@@ -24,6 +24,17 @@ SCHEMA_VERSION = 1
 
 EMBEDDED_DATABASE = "wordclaw"
 
+# Lost connections, and the server shutting down or killing our backend (SQLSTATE class 57).
+# asyncpg reports a kill that arrived while a connection sat idle in the pool as an
+# InternalClientError on its next query.
+CONNECTION_ERRORS: tuple[type[Exception], ...] = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    asyncpg.exceptions.OperatorInterventionError,
+)
+
 
 def schema_sql() -> str:
     packaged = resources.files("wordclaw_mcp").joinpath("schema.sql")

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 import asyncpg
 
-from .database import connect
+from .database import CONNECTION_ERRORS, connect
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class Notifications:
         try:
             await self.start()
             log.info("LISTEN connection re-established")
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except CONNECTION_ERRORS as exc:
             log.warning("LISTEN connection is down (%s); relying on polling", type(exc).__name__)
 
     async def close(self) -> None:

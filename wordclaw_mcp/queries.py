@@ -143,6 +143,32 @@ RETURNING j.id, j.plan_id, j.target_id, j.attempt, j.max_attempts, j.payload_sna
           t.name AS target_name, t.channel_type, t.config_json AS config, t.secret_ciphertext
 """
 
+# Transition: running -> queued | failed for attempts whose lease ran out: the worker was
+# killed or lost its database. The attempt's outcome is unknown, so it counts, and gets a receipt.
+RESCUE_EXPIRED_LEASES = """
+WITH lost AS (
+    UPDATE distribution_jobs
+    SET status = CASE WHEN attempt < max_attempts THEN 'queued' ELSE 'failed' END,
+        next_attempt_at = now(),
+        lease_expires_at = NULL,
+        locked_by = NULL,
+        last_error = 'The worker holding this attempt stopped responding; its outcome is unknown.',
+        finished_at = CASE WHEN attempt < max_attempts THEN NULL ELSE now() END,
+        updated_at = now()
+    WHERE id IN (
+        SELECT id FROM distribution_jobs
+        WHERE status = 'running' AND lease_expires_at < now()
+        ORDER BY lease_expires_at
+        LIMIT $1
+        FOR UPDATE SKIP LOCKED
+    )
+    RETURNING id, attempt, last_error
+)
+INSERT INTO distribution_receipts (job_id, attempt, succeeded, error_message)
+SELECT id, attempt, false, last_error FROM lost
+RETURNING job_id
+"""
+
 # Transition: running -> succeeded | queued (retry) | failed, with the attempt's receipt.
 # The receipt is written even when the guard misses (the job was cancelled or re-claimed
 # meanwhile), because the attempt really happened.

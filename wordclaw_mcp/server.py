@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import anyio
-import asyncpg
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
@@ -19,6 +18,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from . import errors
 from .config import Settings
+from .database import CONNECTION_ERRORS
 from .errors import DatabaseUnavailable, DistributionError
 from .models import (
     ContentItem,
@@ -92,27 +92,15 @@ def error_result(error: DistributionError) -> CallToolResult:
     )
 
 
-# Lost connections, and the server shutting down or killing our backend (SQLSTATE class 57).
-# asyncpg reports a kill that arrived while the connection sat idle in the pool as an
-# InternalClientError on the next query.
-_CONNECTION_ERRORS = (
-    OSError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-    asyncpg.exceptions.OperatorInterventionError,
-)
-
-
 def _classify(name: str, exc: ToolError) -> DistributionError:
     cause = exc.__cause__
-    while cause is not None and not isinstance(cause, (DistributionError, ValidationError, *_CONNECTION_ERRORS)):
+    while cause is not None and not isinstance(cause, (DistributionError, ValidationError, *CONNECTION_ERRORS)):
         cause = cause.__cause__
     if isinstance(cause, DistributionError):
         return cause
     if isinstance(cause, ValidationError):
         return errors.validation_error(f"Invalid arguments for {name}: {errors.describe_validation(cause.errors())}.")
-    if isinstance(cause, _CONNECTION_ERRORS):
+    if isinstance(cause, CONNECTION_ERRORS):
         log.warning("tool %s lost the database: %s", name, type(cause).__name__)
         return DatabaseUnavailable(f"the connection failed during {name} ({type(cause).__name__})")
     log.error("tool %s failed unexpectedly", name, exc_info=exc)
