@@ -127,3 +127,14 @@ async def test_the_claim_query_is_served_by_the_claim_index(database_url: str) -
         assert '"Relation Name": "distribution_jobs", "Alias": "j", "Node Type": "Seq Scan"' not in text
     finally:
         await conn.close()
+
+
+async def test_pooled_connections_plan_every_statement_for_its_real_parameters(database_url: str) -> None:
+    """A cached generic plan assumes unnest() yields 10 rows and made batch writes quadratic."""
+    from wordclaw_mcp.database import create_pool
+
+    pool = await create_pool(database_url, max_size=1)
+    try:
+        assert await pool.fetchval("SHOW plan_cache_mode") == "force_custom_plan"
+    finally:
+        await pool.close()

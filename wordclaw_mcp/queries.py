@@ -6,6 +6,8 @@ ride along in the same transaction through the triggers in schema.sql.
 
 # --- schema -----------------------------------------------------------------------------------
 
+SESSION_SETTINGS = "SET plan_cache_mode = force_custom_plan"
+
 SCHEMA_LOCK = "SELECT pg_advisory_xact_lock(hashtext('wordclaw.schema'))"
 SCHEMA_TABLE_EXISTS = "SELECT to_regclass('schema_version') IS NOT NULL"
 SCHEMA_VERSION = "SELECT coalesce(max(version), 0) FROM schema_version"
@@ -169,33 +171,40 @@ SELECT id, attempt, false, last_error FROM lost
 RETURNING job_id
 """
 
-# Transition: running -> succeeded | queued (retry) | failed, with the attempt's receipt.
-# The receipt is written even when the guard misses (the job was cancelled or re-claimed
-# meanwhile), because the attempt really happened.
-# $1 job, $2 attempt, $3 succeeded, $4 external_url, $5 status_code, $6 error, $7 raw_meta,
-# $8 retryable, $9 retry delay in seconds.
-RECORD_ATTEMPT = """
-WITH receipt AS (
+# Transition: running -> succeeded | queued (retry) | failed, with each attempt's receipt, for
+# a batch of attempts in one statement (one commit, one trigger firing per batch).
+# The receipt is written even when the guard misses (the job was cancelled or rescued and
+# re-claimed meanwhile), because the attempt really happened.
+# Parallel arrays: $1 job ids, $2 attempts, $3 succeeded, $4 external URLs, $5 status codes,
+# $6 errors, $7 raw metadata, $8 retryable, $9 retry delays in seconds.
+RECORD_ATTEMPTS = """
+WITH outcome AS (
+    SELECT *
+    FROM unnest($1::uuid[], $2::int[], $3::bool[], $4::text[], $5::int[], $6::text[], $7::jsonb[],
+                $8::bool[], $9::float8[])
+        AS o (job_id, attempt, succeeded, external_url, status_code, error, raw_meta, retryable, delay)
+), receipt AS (
     INSERT INTO distribution_receipts
         (job_id, attempt, succeeded, external_url, status_code, error_message, raw_meta)
-    VALUES ($1, $2, $3, $4, $5, $6, $7)
-), outcome AS (
-    SELECT CASE WHEN $3 THEN 'succeeded'
-                WHEN $8 AND j.attempt < j.max_attempts THEN 'queued'
+    SELECT job_id, attempt, succeeded, external_url, status_code, error, raw_meta FROM outcome
+), decided AS (
+    SELECT o.job_id, o.attempt, o.error, o.delay,
+           CASE WHEN o.succeeded THEN 'succeeded'
+                WHEN o.retryable AND j.attempt < j.max_attempts THEN 'queued'
                 ELSE 'failed' END AS status
-    FROM distribution_jobs j
-    WHERE j.id = $1
+    FROM outcome o
+    JOIN distribution_jobs j ON j.id = o.job_id
 )
 UPDATE distribution_jobs j
-SET status = outcome.status,
-    next_attempt_at = CASE WHEN outcome.status = 'queued' THEN now() + make_interval(secs => $9)
+SET status = d.status,
+    next_attempt_at = CASE WHEN d.status = 'queued' THEN now() + make_interval(secs => d.delay)
                            ELSE j.next_attempt_at END,
-    last_error = $6,
+    last_error = d.error,
     lease_expires_at = NULL,
     locked_by = NULL,
-    finished_at = CASE WHEN outcome.status = 'queued' THEN NULL ELSE now() END,
+    finished_at = CASE WHEN d.status = 'queued' THEN NULL ELSE now() END,
     updated_at = now()
-FROM outcome
-WHERE j.id = $1 AND j.status = 'running' AND j.attempt = $2
-RETURNING j.status
+FROM decided d
+WHERE j.id = d.job_id AND j.status = 'running' AND j.attempt = d.attempt
+RETURNING j.id, j.status
 """
