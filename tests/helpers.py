@@ -8,6 +8,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 from uuid import UUID
 
 import anyio
@@ -23,6 +24,11 @@ from wordclaw_mcp.models import (
 from wordclaw_mcp.service import DistributionService
 
 T = TypeVar("T")
+
+
+def database_name(url: str) -> str:
+    """The database a URL names; the embedded server's URLs carry a socket path in the query."""
+    return urlsplit(url).path.lstrip("/")
 
 
 def new_signing_secret() -> str:

@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 from mcp import Client
 
-from tests.helpers import call, call_error, new_signing_secret
+from tests.helpers import call, call_error, database_name, new_signing_secret
 from wordclaw_mcp.config import Settings
 from wordclaw_mcp.receiver import WebhookReceiver
 from wordclaw_mcp.server import build_server
@@ -277,7 +277,7 @@ async def test_a_lost_database_connection_is_a_coded_error_and_the_next_call_rec
 ) -> None:
     """Killing the server's backends either surfaces as DATABASE_UNAVAILABLE or is absorbed by the
     pool reconnecting, depending on when the client library notices; never anything else."""
-    database = settings.database_url.rsplit("/", 1)[1]
+    database = database_name(settings.database_url)
     seen = set()
     for _ in range(5):
         await call(mcp_client_no_worker, "list_targets")  # the pool holds a live connection

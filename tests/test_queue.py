@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 
 from queue_worker.worker import Worker
-from tests.helpers import eventually, new_signing_secret, publish
+from tests.helpers import database_name, eventually, new_signing_secret, publish
 from wordclaw_mcp import queries
 from wordclaw_mcp.models import (
     CreateDistributionPlanInput,
@@ -339,7 +339,7 @@ async def test_await_plan_is_woken_again_after_the_listen_connection_is_lost(
     try:
         await admin.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
-            runtime.settings.database_url.rsplit("/", 1)[1],
+            database_name(runtime.settings.database_url),
         )
     finally:
         await admin.close()
@@ -415,7 +415,7 @@ async def test_the_worker_daemon_rides_out_losing_its_database(
         try:
             await admin.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
-                runtime.settings.database_url.rsplit("/", 1)[1],
+                database_name(runtime.settings.database_url),
             )
         finally:
             await admin.close()
