@@ -66,6 +66,42 @@ async def eventually(check: Callable[[], Awaitable[T]], *, within: float = 10.0,
         await anyio.sleep(interval)
 
 
+async def terminate_backends(server_url: str, database: str) -> int:
+    """Kill every session on ``database``, as a restart or an operator would. Returns how many."""
+    import asyncpg
+
+    admin = await asyncpg.connect(server_url)
+    try:
+        return await admin.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = $1 "
+            "AND pid <> pg_backend_pid()",
+            database,
+        )
+    finally:
+        await admin.close()
+
+
+async def await_plan_around(
+    service: DistributionService,
+    plan_id: UUID,
+    deliver: Callable[[], Awaitable[object]],
+    *,
+    ready: Callable[[], Awaitable[object]] = anyio.wait_all_tasks_blocked,
+) -> Plan:
+    """Start ``await_plan``, wait for ``ready``, run ``deliver``; what ``await_plan`` returned."""
+    result: dict[str, Plan] = {}
+
+    async def wait() -> None:
+        result["plan"] = await service.await_plan(plan_id, 30)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait)
+            await ready()
+            await deliver()
+    return result["plan"]
+
+
 async def publish(
     service: DistributionService,
     urls: list[str],

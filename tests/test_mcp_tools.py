@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 from mcp import Client
 
-from tests.helpers import call, call_error, database_name, new_signing_secret
+from tests.helpers import call, call_error, database_name, new_signing_secret, terminate_backends
 from wordclaw_mcp.config import Settings
 from wordclaw_mcp.receiver import WebhookReceiver
 from wordclaw_mcp.server import build_server
@@ -281,15 +281,7 @@ async def test_a_lost_database_connection_is_a_coded_error_and_the_next_call_rec
     seen = set()
     for _ in range(5):
         await call(mcp_client_no_worker, "list_targets")  # the pool holds a live connection
-        admin = await asyncpg.connect(postgres_server_url)
-        try:
-            killed = await admin.fetchval(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = $1 "
-                "AND pid <> pg_backend_pid()",
-                database,
-            )
-        finally:
-            await admin.close()
+        killed = await terminate_backends(postgres_server_url, database)
         assert killed >= 1
         result = await mcp_client_no_worker.call_tool("list_targets", {})
         if result.is_error:

@@ -31,6 +31,16 @@ def clean_env(**settings: str) -> dict[str, str]:
     return {**env, **settings}
 
 
+def external_database_env(database_url: str, tmp_path: Path) -> dict[str, str]:
+    """Settings for processes sharing a given database, delivering to loopback receivers."""
+    return clean_env(
+        WORDCLAW_DATABASE_URL=database_url,
+        WORDCLAW_ALLOW_PRIVATE_TARGETS="1",
+        WORDCLAW_SECRET_KEYS=Fernet.generate_key().decode(),
+        WORDCLAW_HOME=str(tmp_path / "home"),
+    )
+
+
 @asynccontextmanager
 async def worker_process(env: dict[str, str], log: Path) -> AsyncIterator[Process]:
     with log.open("wb") as sink:
@@ -67,12 +77,7 @@ async def publish_over_stdio(env: dict[str, str], receiver: WebhookReceiver) -> 
 async def test_stdio_server_and_a_separate_worker_deliver_a_webhook(
     database_url: str, receiver: WebhookReceiver, tmp_path: Path
 ) -> None:
-    env = clean_env(
-        WORDCLAW_DATABASE_URL=database_url,
-        WORDCLAW_ALLOW_PRIVATE_TARGETS="1",
-        WORDCLAW_SECRET_KEYS=Fernet.generate_key().decode(),
-        WORDCLAW_HOME=str(tmp_path / "home"),
-    )
+    env = external_database_env(database_url, tmp_path)
     log = tmp_path / "worker.log"
     async with worker_process(env, log) as worker:
         plan = await publish_over_stdio(env, receiver)
@@ -86,12 +91,7 @@ async def test_stdio_server_and_a_separate_worker_deliver_a_webhook(
 async def test_a_killed_workers_job_is_rescued_and_delivered_by_another(
     database_url: str, receiver: WebhookReceiver, tmp_path: Path
 ) -> None:
-    env = clean_env(
-        WORDCLAW_DATABASE_URL=database_url,
-        WORDCLAW_ALLOW_PRIVATE_TARGETS="1",
-        WORDCLAW_SECRET_KEYS=Fernet.generate_key().decode(),
-        WORDCLAW_HOME=str(tmp_path / "home"),
-    )
+    env = external_database_env(database_url, tmp_path)
     receiver.behaviour.hang = True
     params = StdioServerParameters(command=str(BIN / "wordclaw-mcp"), args=["--no-worker"], env=env)
     async with Client(params) as client:

@@ -10,7 +10,14 @@ import asyncpg
 import pytest
 
 from queue_worker.worker import Worker
-from tests.helpers import database_name, eventually, new_signing_secret, publish
+from tests.helpers import (
+    await_plan_around,
+    database_name,
+    eventually,
+    new_signing_secret,
+    publish,
+    terminate_backends,
+)
 from wordclaw_mcp import queries
 from wordclaw_mcp.models import (
     CreateDistributionPlanInput,
@@ -313,18 +320,9 @@ async def test_await_plan_wakes_on_notification_not_the_poll(
     # With the safety poll pushed out of reach, only the NOTIFY can end the wait in time.
     monkeypatch.setattr("wordclaw_mcp.service.AWAIT_POLL_SECONDS", 60.0)
     plan, _ = await publish(service, [receiver.url])
-    result = {}
-
-    async def wait() -> None:
-        result["plan"] = await service.await_plan(plan.id, 30)
-
-    with anyio.fail_after(10):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(wait)
-            await anyio.wait_all_tasks_blocked()
-            await worker.run_once()
-    assert result["plan"].status == "succeeded"
-    assert result["plan"].await_timed_out is False
+    done = await await_plan_around(service, plan.id, worker.run_once)
+    assert done.status == "succeeded"
+    assert done.await_timed_out is False
 
 
 async def test_await_plan_is_woken_again_after_the_listen_connection_is_lost(
@@ -335,14 +333,7 @@ async def test_await_plan_is_woken_again_after_the_listen_connection_is_lost(
     postgres_server_url: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    admin = await asyncpg.connect(postgres_server_url)
-    try:
-        await admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
-            database_name(runtime.settings.database_url),
-        )
-    finally:
-        await admin.close()
+    await terminate_backends(postgres_server_url, database_name(runtime.settings.database_url))
     # The client library notices the kill asynchronously.
     await eventually(lambda: _true(not runtime.notifications.connected))
     await runtime.pool.expire_connections()
@@ -350,17 +341,10 @@ async def test_await_plan_is_woken_again_after_the_listen_connection_is_lost(
     # Only the re-established LISTEN can end this wait in time: the poll is pushed out of reach.
     monkeypatch.setattr("wordclaw_mcp.service.AWAIT_POLL_SECONDS", 60.0)
     plan, _ = await publish(service, [receiver.url])
-    result = {}
-
-    async def wait() -> None:
-        result["plan"] = await service.await_plan(plan.id, 30)
-
-    with anyio.fail_after(10):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(wait)
-            await eventually(lambda: _true(runtime.notifications.connected))
-            await worker.run_once()
-    assert result["plan"].status == "succeeded"
+    done = await await_plan_around(
+        service, plan.id, worker.run_once, ready=lambda: eventually(lambda: _true(runtime.notifications.connected))
+    )
+    assert done.status == "succeeded"
 
 
 async def _true(value: bool) -> bool:
@@ -411,14 +395,7 @@ async def test_the_worker_daemon_rides_out_losing_its_database(
 ) -> None:
     async with anyio.create_task_group() as tg:
         tg.start_soon(worker.run)
-        admin = await asyncpg.connect(postgres_server_url)
-        try:
-            await admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
-                database_name(runtime.settings.database_url),
-            )
-        finally:
-            await admin.close()
+        await terminate_backends(postgres_server_url, database_name(runtime.settings.database_url))
         await runtime.pool.expire_connections()
         plan, _ = await publish(service, [receiver.url])
         done = await service.await_plan(plan.id, 15)
