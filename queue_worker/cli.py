@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import anyio
 
+from wordclaw_mcp.cli import configure_logging, report_failure
 from wordclaw_mcp.config import Settings
 from wordclaw_mcp.errors import DistributionError
 from wordclaw_mcp.runtime import Runtime
@@ -39,17 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, help="deliveries in flight at once")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.log_level)
     settings = Settings.from_env()
     if args.concurrency:
         settings = replace(settings, worker_concurrency=args.concurrency)
     try:
         anyio.run(serve, settings)
     except DistributionError as exc:
-        print(f"wordclaw-worker: {exc.code}: {exc.message} {exc.remediation}", file=sys.stderr)
-        return 2
+        return report_failure("wordclaw-worker", exc)
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import traceback
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -231,7 +232,10 @@ class Worker:
         except DistributionError as exc:
             result = DeliveryResult(succeeded=False, error=f"{exc.code}: {exc.message}")
         except Exception as exc:
-            log.exception("adapter %s crashed on job %s", job.channel_type, job.id)
+            # Exception texts can carry what an adapter was sending (h11 quotes a bad header's
+            # value), so the traceback is scrubbed like a receipt before it is logged.
+            trace = scrub("".join(traceback.format_exception(exc)), secrets.values())
+            log.error("adapter %s crashed on job %s:\n%s", job.channel_type, job.id, trace)
             result = DeliveryResult(
                 succeeded=False, retryable=True, error=f"The {job.channel_type} adapter failed: {type(exc).__name__}."
             )
@@ -278,23 +282,28 @@ class Worker:
         return statuses
 
 
+def scrub(value: Any, secrets: Iterable[str]) -> Any:
+    """``value`` (a string, or JSON-like data) with every secret value replaced by REDACTED."""
+    values = [secret for secret in secrets if secret]
+    if isinstance(value, str):
+        for secret in values:
+            value = value.replace(secret, REDACTED)
+        return value
+    if isinstance(value, Mapping):
+        return {key: scrub(item, values) for key, item in value.items()}
+    if isinstance(value, list):
+        return [scrub(item, values) for item in value]
+    return value
+
+
 def redact(result: DeliveryResult, secrets: Iterable[str]) -> DeliveryResult:
     """Blank any secret value an adapter or a server echoed into what gets stored."""
-    values = [value for value in secrets if value]
+    values = [secret for secret in secrets if secret]
     if not values:
         return result
-
-    def scrub(value: Any) -> Any:
-        if isinstance(value, str):
-            for secret in values:
-                value = value.replace(secret, REDACTED)
-            return value
-        if isinstance(value, Mapping):
-            return {key: scrub(item) for key, item in value.items()}
-        if isinstance(value, list):
-            return [scrub(item) for item in value]
-        return value
-
     return replace(
-        result, error=scrub(result.error), external_url=scrub(result.external_url), raw_meta=scrub(result.raw_meta)
+        result,
+        error=scrub(result.error, values),
+        external_url=scrub(result.external_url, values),
+        raw_meta=scrub(result.raw_meta, values),
     )

@@ -278,7 +278,6 @@ async def test_a_lost_database_connection_is_a_coded_error_and_the_next_call_rec
     """Killing the server's backends either surfaces as DATABASE_UNAVAILABLE or is absorbed by the
     pool reconnecting, depending on when the client library notices; never anything else."""
     database = database_name(settings.database_url)
-    seen = set()
     for _ in range(5):
         await call(mcp_client_no_worker, "list_targets")  # the pool holds a live connection
         killed = await terminate_backends(postgres_server_url, database)
@@ -288,6 +287,4 @@ async def test_a_lost_database_connection_is_a_coded_error_and_the_next_call_rec
             error = json.loads(result.content[0].text)["error"]
             assert error["code"] == "DATABASE_UNAVAILABLE", error
             assert error["remediation"].startswith("Retry")
-        seen.add(result.is_error)
         assert (await call(mcp_client_no_worker, "list_targets"))["targets"] == []
-    assert seen, "at least one round ran"

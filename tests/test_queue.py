@@ -9,7 +9,7 @@ import anyio
 import asyncpg
 import pytest
 
-from queue_worker.worker import Worker
+from queue_worker.worker import REDACTED, Worker
 from tests.helpers import (
     await_plan_around,
     database_name,
@@ -19,6 +19,7 @@ from tests.helpers import (
     terminate_backends,
 )
 from wordclaw_mcp import queries
+from wordclaw_mcp.errors import DistributionError
 from wordclaw_mcp.models import (
     CreateDistributionPlanInput,
     PlanRef,
@@ -401,3 +402,45 @@ async def test_the_worker_daemon_rides_out_losing_its_database(
         done = await service.await_plan(plan.id, 15)
         worker.stop()
     assert done.status == "succeeded", done
+
+
+async def test_an_adapter_crash_is_logged_and_receipted_without_the_secret(
+    runtime: Runtime,
+    service: DistributionService,
+    worker: Worker,
+    receiver: WebhookReceiver,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from queue_worker.adapters import WebhookAdapter
+
+    class LeakyAdapter(WebhookAdapter):
+        """Crashes the way h11 does on a bad header: quoting the value it was given."""
+
+        async def deliver(self, payload, target, *, message_id=None):
+            raise ValueError(f"Illegal header value {target.secrets['signingSecret']!r}")
+
+    secret = new_signing_secret()
+    runtime.adapters.register(LeakyAdapter(runtime.adapters.get("webhook").options))
+    plan, _ = await publish(service, [receiver.url], secret=secret)
+    await worker.run_once()
+
+    assert "adapter webhook crashed" in caplog.text
+    assert "ValueError" in caplog.text and REDACTED in caplog.text
+    assert secret not in caplog.text
+    receipt = (await service.get_receipts(PlanRef(plan_id=plan.id))).receipts[0]
+    assert receipt.error_message == "The webhook adapter failed: ValueError."
+    job = (await service.get_plan(PlanRef(plan_id=plan.id))).jobs[0]
+    assert (job.status, job.attempt) == ("queued", 1)
+
+
+async def test_a_plan_naming_a_deactivated_target_is_refused(
+    service: DistributionService, receiver: WebhookReceiver, db: asyncpg.Connection
+) -> None:
+    plan, target_ids = await publish(service, [receiver.url])
+    await db.execute("UPDATE distribution_targets SET active = false WHERE id = $1", target_ids[0])
+    with pytest.raises(DistributionError) as refused:
+        await service.create_distribution_plan(
+            CreateDistributionPlanInput(content_item_id=plan.content_item_id, target_ids=target_ids)
+        )
+    assert refused.value.code == "TARGET_INACTIVE"
+    assert refused.value.details["inactiveTargetIds"] == [str(target_ids[0])]

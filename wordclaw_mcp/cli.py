@@ -14,14 +14,14 @@ from .database import apply_schema, create_pool, resolve_url
 from .errors import DistributionError
 
 
-def _logging(level: str = "INFO") -> None:
+def configure_logging(level: str = "INFO") -> None:
     # stdout carries the MCP protocol over stdio: everything human goes to stderr.
     logging.basicConfig(
         level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
 
 
-def _fail(prog: str, exc: DistributionError) -> int:
+def report_failure(prog: str, exc: DistributionError) -> int:
     print(f"{prog}: {exc.code}: {exc.message} {exc.remediation}", file=sys.stderr)
     return 2
 
@@ -57,7 +57,7 @@ def mcp_main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
-    _logging(args.log_level)
+    configure_logging(args.log_level)
     settings = Settings.from_env()
     if args.run_worker is not None:
         settings = replace(settings, run_worker=args.run_worker)
@@ -65,7 +65,7 @@ def mcp_main(argv: list[str] | None = None) -> int:
         # Fail before serving, with one line, rather than from inside the protocol loop.
         anyio.run(upgrade, settings)
     except DistributionError as exc:
-        return _fail("wordclaw-mcp", exc)
+        return report_failure("wordclaw-mcp", exc)
 
     from .server import build_server
 
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         return worker_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    _logging("WARNING")
+    configure_logging("WARNING")
     try:
         if args.command == "demo":
             from .demo import run_demo
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{where} is at schema version {version}")
         return 0
     except DistributionError as exc:
-        return _fail("wordclaw", exc)
+        return report_failure("wordclaw", exc)
 
 
 if __name__ == "__main__":

@@ -17,10 +17,9 @@ log = logging.getLogger(__name__)
 PLANS_CHANNEL = "wordclaw_plans"  # payload: the plan id whose status changed
 JOBS_CHANNEL = "wordclaw_jobs"  # payload: empty; new jobs are queued
 
+RECONNECT_INTERVAL = 5.0  # seconds between attempts to re-establish a lost LISTEN connection
+
 Callback = Callable[[str], None]
-
-
-RECONNECT_INTERVAL = 5.0
 
 
 class Notifications:
