@@ -43,6 +43,10 @@ class Settings:
     lease_seconds: int = 120
     delivery_timeout: float = 15.0
     shutdown_grace: float = 20.0
+    # Server-side limits on every pooled connection, so a stuck lock or a half-open
+    # connection fails a statement instead of hanging a claim or a flush for ever.
+    statement_timeout: float = 30.0
+    lock_timeout: float = 10.0
 
     @classmethod
     def from_env(cls) -> Settings:

@@ -29,6 +29,8 @@ class Behaviour:
     headers: dict[str, str] = field(default_factory=lambda: {"content-type": "application/json"})
     delay: float = 0.0
     hang: bool = False
+    # When set, each request is answered only once the gate opens (or the receiver closes).
+    gate: threading.Event | None = None
 
 
 class WebhookReceiver:
@@ -54,6 +56,9 @@ class WebhookReceiver:
                     return
                 if behaviour.delay:
                     receiver._closing.wait(behaviour.delay)
+                if behaviour.gate is not None:
+                    while not (behaviour.gate.wait(0.05) or receiver._closing.is_set()):
+                        pass
                 self.send_response(behaviour.status)
                 for name, value in behaviour.headers.items():
                     self.send_header(name, value)
