@@ -68,28 +68,18 @@ def postgres_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
     yield server.url("postgres")
 
 
-@pytest.fixture(scope="session")
-def template_database(postgres_server_url: str) -> Iterator[str]:
-    name = f"wordclaw_template_{uuid.uuid4().hex[:10]}"
-
-    async def create() -> None:
-        admin = await asyncpg.connect(postgres_server_url)
-        try:
-            await admin.execute(queries.create_database(name))
-        finally:
-            await admin.close()
-        conn = await connect(with_database(postgres_server_url, name))
-        try:
-            await apply_schema(conn)
-        finally:
-            await conn.close()
-
-    anyio.run(create)
-    yield name
-    anyio.run(_drop, postgres_server_url, name)
+async def create_database(server_url: str, prefix: str, *, template: str | None = None) -> str:
+    """A new database named ``prefix`` plus a random suffix; returns its name."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(server_url)
+    try:
+        await admin.execute(queries.create_database(name, template=template))
+    finally:
+        await admin.close()
+    return name
 
 
-async def _drop(server_url: str, name: str) -> None:
+async def drop_database(server_url: str, name: str) -> None:
     admin = await asyncpg.connect(server_url)
     try:
         await admin.execute(queries.drop_database(name))
@@ -97,30 +87,36 @@ async def _drop(server_url: str, name: str) -> None:
         await admin.close()
 
 
+@pytest.fixture(scope="session")
+def template_database(postgres_server_url: str) -> Iterator[str]:
+    async def create() -> str:
+        name = await create_database(postgres_server_url, "wordclaw_template")
+        conn = await connect(with_database(postgres_server_url, name))
+        try:
+            await apply_schema(conn)
+        finally:
+            await conn.close()
+        return name
+
+    name = anyio.run(create)
+    yield name
+    anyio.run(drop_database, postgres_server_url, name)
+
+
 @pytest.fixture
 async def database_url(postgres_server_url: str, template_database: str) -> AsyncIterator[str]:
     """A fresh database with the schema applied, dropped after the test."""
-    name = f"wordclaw_test_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(postgres_server_url)
-    try:
-        await admin.execute(queries.create_database(name, template=template_database))
-    finally:
-        await admin.close()
+    name = await create_database(postgres_server_url, "wordclaw_test", template=template_database)
     yield with_database(postgres_server_url, name)
-    await _drop(postgres_server_url, name)
+    await drop_database(postgres_server_url, name)
 
 
 @pytest.fixture
 async def empty_database_url(postgres_server_url: str) -> AsyncIterator[str]:
     """A fresh database with nothing in it, for schema tests."""
-    name = f"wordclaw_empty_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(postgres_server_url)
-    try:
-        await admin.execute(queries.create_database(name))
-    finally:
-        await admin.close()
+    name = await create_database(postgres_server_url, "wordclaw_empty")
     yield with_database(postgres_server_url, name)
-    await _drop(postgres_server_url, name)
+    await drop_database(postgres_server_url, name)
 
 
 @pytest.fixture

@@ -1,16 +1,36 @@
-"""schema.sql: idempotent, versioned, constrained, and the claim is served by its index."""
+"""The schema: fresh installs and numbered migrations agree; it is constrained and indexed;
+and every connection carries statement, lock and idle limits."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import anyio
 import asyncpg
 import pytest
 
+from tests.conftest import create_database, drop_database, with_database
+from tests.helpers import eventually
 from wordclaw_mcp import queries
-from wordclaw_mcp.database import SCHEMA_VERSION, apply_schema, connect
+from wordclaw_mcp.config import Settings
+from wordclaw_mcp.database import (
+    SCHEMA_VERSION,
+    Migration,
+    MigrationError,
+    apply_schema,
+    connect,
+    create_pool,
+    load_migrations,
+    migrations_folder,
+    open_pool,
+)
 from wordclaw_mcp.errors import SchemaTooNew
 
 pytestmark = pytest.mark.anyio
@@ -131,10 +151,433 @@ async def test_the_claim_query_is_served_by_the_claim_index(database_url: str) -
 
 async def test_pooled_connections_plan_every_statement_for_its_real_parameters(database_url: str) -> None:
     """A cached generic plan assumes unnest() yields 10 rows and made batch writes quadratic."""
-    from wordclaw_mcp.database import create_pool
-
     pool = await create_pool(database_url, max_size=1)
     try:
-        assert await pool.fetchval("SHOW plan_cache_mode") == "force_custom_plan"
+        # Twice: the pool runs RESET ALL when a connection comes back, which drops a plain SET.
+        for _ in range(2):
+            async with pool.acquire() as conn:
+                assert await conn.fetchval("SHOW plan_cache_mode") == "force_custom_plan"
     finally:
         await pool.close()
+
+
+# --- migrations -------------------------------------------------------------------------------
+
+# The schema objects a release defines, in a form two databases can be compared in. Column order
+# is left out: a migration can only add a column at the end, wherever schema.sql lists it.
+CATALOG_SNAPSHOT = {
+    "relations": """
+        SELECT c.relname, c.relkind::text, c.relpersistence::text, c.relrowsecurity, c.reloptions::text
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = 'public'
+        ORDER BY 1
+    """,
+    "columns": """
+        SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod), pg_get_expr(d.adbin, d.adrelid),
+               a.attnotnull, a.attidentity::text, a.attgenerated::text, co.collname
+        FROM pg_attribute a
+        JOIN pg_class c ON c.oid = a.attrelid
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+        LEFT JOIN pg_collation co ON co.oid = a.attcollation
+        WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p', 'v', 'm', 'f') AND a.attnum > 0
+          AND NOT a.attisdropped
+        ORDER BY 1, 2
+    """,
+    "constraints": """
+        SELECT coalesce(c.relname, t.typname), co.conname, co.contype::text, co.condeferrable, co.condeferred,
+               pg_get_constraintdef(co.oid)
+        FROM pg_constraint co
+        JOIN pg_namespace n ON n.oid = co.connamespace
+        LEFT JOIN pg_class c ON c.oid = co.conrelid
+        LEFT JOIN pg_type t ON t.oid = co.contypid
+        WHERE n.nspname = 'public'
+        ORDER BY 1, 2
+    """,
+    "indexes": """
+        SELECT c.relname, i.relname, pg_get_indexdef(i.oid)
+        FROM pg_index x
+        JOIN pg_class i ON i.oid = x.indexrelid
+        JOIN pg_class c ON c.oid = x.indrelid
+        JOIN pg_namespace n ON n.oid = i.relnamespace
+        WHERE n.nspname = 'public'
+        ORDER BY 1, 2
+    """,
+    "functions": """
+        SELECT p.proname, pg_get_function_identity_arguments(p.oid), pg_get_functiondef(p.oid)
+        FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+        WHERE n.nspname = 'public' AND p.prokind IN ('f', 'p')
+        ORDER BY 1, 2
+    """,
+    "triggers": """
+        SELECT c.relname, t.tgname, t.tgenabled::text, pg_get_triggerdef(t.oid)
+        FROM pg_trigger t
+        JOIN pg_class c ON c.oid = t.tgrelid
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = 'public' AND NOT t.tgisinternal
+        ORDER BY 1, 2
+    """,
+    "types": """
+        SELECT t.typname, t.typtype::text, format_type(t.typbasetype, t.typtypmod),
+               array(SELECT e.enumlabel FROM pg_enum e WHERE e.enumtypid = t.oid ORDER BY e.enumsortorder)::text
+        FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+        WHERE n.nspname = 'public' AND t.typtype IN ('e', 'd')
+        ORDER BY 1
+    """,
+    "views": "SELECT viewname, definition FROM pg_views WHERE schemaname = 'public' ORDER BY 1",
+    "sequences": """
+        SELECT sequencename, data_type::text, start_value, increment_by, min_value, max_value, cycle
+        FROM pg_sequences WHERE schemaname = 'public'
+        ORDER BY 1
+    """,
+    "extensions": "SELECT extname FROM pg_extension ORDER BY 1",
+}
+
+
+async def catalog_snapshot(conn: asyncpg.Connection) -> dict[str, list[tuple[Any, ...]]]:
+    return {kind: [tuple(row) for row in await conn.fetch(sql)] for kind, sql in CATALOG_SNAPSHOT.items()}
+
+
+def snapshot_differences(upgraded: dict[str, list[tuple[Any, ...]]], fresh: dict[str, list[tuple[Any, ...]]]) -> str:
+    lines = []
+    for kind in CATALOG_SNAPSHOT:
+        lines += [f"only after the migrations: {kind} {row}" for row in upgraded[kind] if row not in fresh[kind]]
+        lines += [f"only in schema.sql: {kind} {row}" for row in fresh[kind] if row not in upgraded[kind]]
+    return "\n".join(lines)
+
+
+async def build_at(conn: asyncpg.Connection, migrations: Sequence[Migration]) -> None:
+    """The database an earlier release made: its migrations applied by hand, each recorded."""
+    async with conn.transaction():
+        for migration in migrations:
+            await conn.execute(migration.sql)
+            await conn.execute(queries.RECORD_SCHEMA_VERSION, migration.version)
+
+
+async def recorded_versions(conn: asyncpg.Connection) -> list[int]:
+    return [row["version"] for row in await conn.fetch("SELECT version FROM schema_version ORDER BY version")]
+
+
+@pytest.fixture
+async def new_database(postgres_server_url: str) -> AsyncIterator[Callable[[], Awaitable[str]]]:
+    """Makes empty databases on the test server (dropped after the test); returns their URLs."""
+    names: list[str] = []
+
+    async def create() -> str:
+        names.append(await create_database(postgres_server_url, "wordclaw_schema"))
+        return with_database(postgres_server_url, names[-1])
+
+    yield create
+    for name in names:
+        await drop_database(postgres_server_url, name)
+
+
+def migrations_in(folder: Path, files: dict[str, str]) -> list[Migration]:
+    """A migration folder holding the packaged 0001 and ``files``, loaded."""
+    folder.mkdir()
+    (folder / "0001_initial.sql").write_text(load_migrations()[0].sql, encoding="utf-8")
+    for name, sql in files.items():
+        (folder / name).write_text(sql, encoding="utf-8")
+    return load_migrations(folder)
+
+
+def test_the_release_schema_version_is_its_highest_migration() -> None:
+    names = sorted(entry.name for entry in migrations_folder().iterdir() if entry.name.endswith(".sql"))
+    assert names[0] == "0001_initial.sql"
+    assert SCHEMA_VERSION == int(names[-1][:4]) == len(names)
+    assert [migration.filename for migration in load_migrations()] == names
+
+
+@pytest.mark.parametrize("start", range(1, SCHEMA_VERSION + 1), ids=lambda version: f"from-version-{version}")
+async def test_a_database_upgraded_from_an_earlier_version_equals_a_fresh_one(
+    start: int, new_database: Callable[[], Awaitable[str]]
+) -> None:
+    """From every version that has a migration; from the current one it compares the whole chain."""
+    upgraded = await connect(await new_database())
+    fresh = await connect(await new_database())
+    try:
+        await build_at(upgraded, load_migrations()[:start])
+        assert await apply_schema(upgraded) == SCHEMA_VERSION
+        assert await recorded_versions(upgraded) == list(range(1, SCHEMA_VERSION + 1))
+        assert await apply_schema(fresh) == SCHEMA_VERSION
+        assert await recorded_versions(fresh) == [SCHEMA_VERSION]
+
+        upgraded_catalog, fresh_catalog = await catalog_snapshot(upgraded), await catalog_snapshot(fresh)
+        assert fresh_catalog["relations"], "the snapshot saw no tables at all"
+        assert upgraded_catalog == fresh_catalog, snapshot_differences(upgraded_catalog, fresh_catalog)
+    finally:
+        await upgraded.close()
+        await fresh.close()
+
+
+async def test_pending_migrations_apply_in_numeric_order_and_each_is_recorded(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    # Written last first; each depends on the one before, so any other order fails.
+    chain = migrations_in(
+        tmp_path / "migrations",
+        {
+            "0004_third.sql": "ALTER TABLE migration_log ADD COLUMN note text; "
+            "INSERT INTO migration_log (version, note) VALUES (4, 'after 3');",
+            "0003_second.sql": "INSERT INTO migration_log (version) VALUES (3);",
+            "0002_first.sql": "CREATE TABLE migration_log (seq bigint GENERATED ALWAYS AS IDENTITY, version int); "
+            "INSERT INTO migration_log (version) VALUES (2);",
+            "README.md": "Not a migration: ignored.",
+        },
+    )
+    assert [migration.version for migration in chain] == [1, 2, 3, 4]
+    conn = await connect(empty_database_url)
+    try:
+        await build_at(conn, chain[:1])
+        assert await apply_schema(conn, migrations=chain[::-1]) == 4
+        assert [row["version"] for row in await conn.fetch("SELECT version FROM migration_log ORDER BY seq")] == [
+            2,
+            3,
+            4,
+        ]
+        assert await recorded_versions(conn) == [1, 2, 3, 4]
+
+        assert await apply_schema(conn, migrations=chain) == 4  # nothing is pending: nothing runs again
+        assert await conn.fetchval("SELECT count(*) FROM migration_log") == 3
+    finally:
+        await conn.close()
+
+
+async def test_a_fresh_database_gets_schema_sql_recorded_at_the_release_version(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    chain = migrations_in(tmp_path / "migrations", {"0002_only_for_upgrades.sql": "CREATE TABLE upgraded_only ();"})
+    conn = await connect(empty_database_url)
+    try:
+        assert await apply_schema(conn, migrations=chain) == 2
+        assert await recorded_versions(conn) == [2]
+        assert await conn.fetchval("SELECT to_regclass('upgraded_only')") is None
+        assert await conn.fetchval("SELECT to_regclass('distribution_jobs')") is not None
+    finally:
+        await conn.close()
+
+
+async def test_a_failing_migration_leaves_the_database_at_its_version(empty_database_url: str, tmp_path: Path) -> None:
+    folder = tmp_path / "migrations"
+    chain = migrations_in(
+        folder,
+        {
+            "0002_adds_a_column.sql": "ALTER TABLE content_items ADD COLUMN added_by_0002 text;",
+            "0003_fails.sql": "CREATE TABLE created_by_0003 (id int); SELECT 1 / 0;",
+        },
+    )
+    conn = await connect(empty_database_url)
+    try:
+        await build_at(conn, chain[:1])
+        with pytest.raises(asyncpg.DivisionByZeroError):
+            await apply_schema(conn, migrations=chain)
+        assert await recorded_versions(conn) == [1]
+        assert await conn.fetchval("SELECT to_regclass('created_by_0003')") is None
+        assert not await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM information_schema.columns "
+            "WHERE table_name = 'content_items' AND column_name = 'added_by_0002')"
+        )
+
+        # The corrected release then upgrades the same database.
+        (folder / "0003_fails.sql").write_text("CREATE TABLE created_by_0003 (id int);", encoding="utf-8")
+        assert await apply_schema(conn, migrations=load_migrations(folder)) == 3
+        assert await recorded_versions(conn) == [1, 2, 3]
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize(
+    ("files", "problem"),
+    [
+        ({"0001_initial.sql": "", "0003_skips_two.sql": ""}, "without gaps"),
+        ({"0002_no_first.sql": ""}, "without gaps"),
+        ({"README.md": ""}, "without gaps"),
+        ({"0001_initial.sql": "", "0002_a.sql": "", "0002_b.sql": ""}, "same number"),
+        ({"0001_initial.sql": "", "2_misnamed.sql": ""}, "NNNN_lowercase_name.sql"),
+    ],
+)
+def test_misnumbered_migration_files_are_refused(tmp_path: Path, files: dict[str, str], problem: str) -> None:
+    for name, sql in files.items():
+        (tmp_path / name).write_text(sql, encoding="utf-8")
+    with pytest.raises(MigrationError, match=problem):
+        load_migrations(tmp_path)
+
+
+async def test_a_long_migration_is_not_cut_off_by_the_session_timeouts(empty_database_url: str, tmp_path: Path) -> None:
+    chain = migrations_in(tmp_path / "migrations", {"0002_slow.sql": "SELECT pg_sleep(1.5);"})
+    setup = await connect(empty_database_url)
+    try:
+        await build_at(setup, chain[:1])
+    finally:
+        await setup.close()
+    # Server-side limits of 0.2 s, and a client-side one of 1.2 s: the migration outlasts them all.
+    conn = await connect(empty_database_url, statement_timeout=0.2, lock_timeout=0.2)
+    try:
+        assert await apply_schema(conn, migrations=chain) == 2
+        assert await conn.fetchval("SHOW statement_timeout") == "200ms"  # lifted for that transaction only
+        with pytest.raises(asyncpg.QueryCanceledError):
+            await conn.execute("SELECT pg_sleep(1.5)")
+    finally:
+        await conn.close()
+
+
+async def test_waiting_for_another_process_s_migration_is_not_cut_off_by_the_session_timeouts(
+    database_url: str,
+) -> None:
+    holder = await connect(database_url)
+    waiter = await connect(database_url, statement_timeout=0.2, lock_timeout=0.2)  # client-side limit 1.2 s
+    outcome: dict[str, Any] = {}
+    finished = anyio.Event()
+
+    async def upgrade() -> None:
+        try:
+            outcome["version"] = await apply_schema(waiter)
+        except Exception as exc:
+            outcome["error"] = exc
+        finally:
+            finished.set()
+
+    try:
+        migrating = holder.transaction()
+        await migrating.start()
+        await holder.execute(queries.SCHEMA_LOCK)  # another process is migrating
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(upgrade)
+            await eventually(
+                lambda: holder.fetchval(
+                    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = $1 AND NOT granted)",
+                    waiter.get_server_pid(),
+                )
+            )
+            with anyio.move_on_after(2.0):  # well past the statement, lock and client-side limits
+                await finished.wait()
+            assert not finished.is_set(), outcome
+            await migrating.commit()
+            with anyio.fail_after(10):
+                await finished.wait()
+        assert outcome == {"version": SCHEMA_VERSION}
+    finally:
+        await holder.close()
+        await waiter.close()
+
+
+# --- statement and lock timeouts --------------------------------------------------------------
+
+
+async def test_pooled_connections_carry_the_statement_lock_and_idle_limits(database_url: str, tmp_path: Path) -> None:
+    settings = Settings(database_url=database_url, home=tmp_path, statement_timeout=7.0, lock_timeout=3.0)
+    pool, _url = await open_pool(settings, max_size=1)
+    try:
+        for _ in range(2):  # and again after the pool's RESET ALL on release
+            async with pool.acquire() as conn:
+                assert await conn.fetchval("SHOW statement_timeout") == "7s"
+                assert await conn.fetchval("SHOW lock_timeout") == "3s"
+                assert await conn.fetchval("SHOW idle_in_transaction_session_timeout") == "1min"
+    finally:
+        await pool.close()
+
+    pool = await create_pool(database_url, max_size=1)  # other callers get the Settings defaults
+    conn = await connect(database_url)
+    try:
+        for source in (pool, conn):
+            assert await source.fetchval("SHOW statement_timeout") == "30s"
+            assert await source.fetchval("SHOW lock_timeout") == "10s"
+    finally:
+        await conn.close()
+        await pool.close()
+
+
+async def test_a_statement_waiting_on_a_row_lock_fails_within_the_lock_timeout(database_url: str) -> None:
+    holder = await connect(database_url)
+    pool = await create_pool(database_url, max_size=1, lock_timeout=0.5)
+    try:
+        item = await holder.fetchval("INSERT INTO content_items (title, body_markdown) VALUES ('t', 'b') RETURNING id")
+        async with holder.transaction():
+            await holder.execute("SELECT 1 FROM content_items WHERE id = $1 FOR UPDATE", item)
+            started = time.monotonic()
+            with anyio.fail_after(10), pytest.raises(asyncpg.LockNotAvailableError):
+                await pool.execute("UPDATE content_items SET title = 'u' WHERE id = $1", item)
+            assert 0.4 <= time.monotonic() - started < 5
+    finally:
+        await pool.close()
+        await holder.close()
+
+
+class FreezableProxy:
+    """A TCP proxy on 127.0.0.1 whose open connections can go half-open: the sockets stay open,
+    but what is sent vanishes and nothing comes back, in both directions. Connections opened
+    later (asyncpg's cancel request) pass, as after a NAT forgot one flow."""
+
+    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+        self.upstream = (upstream_host, upstream_port)
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._links: list[dict[str, bool]] = []
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def __aenter__(self) -> FreezableProxy:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:
+            writer.transport.abort()
+
+    def freeze(self) -> None:
+        for link in self._links:
+            link["frozen"] = True
+
+    def url(self, url: str) -> str:
+        parts = urlsplit(url)
+        userinfo = parts.netloc.rpartition("@")[0]
+        netloc = f"{userinfo}@127.0.0.1:{self.port}" if userinfo else f"127.0.0.1:{self.port}"
+        # Plain TCP: asyncpg's TLS probe on the cancel connection would otherwise race the teardown.
+        query = "&".join(filter(None, [parts.query, "sslmode=disable"]))
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        link = {"frozen": False}
+        self._links.append(link)
+        self._writers.append(writer)
+        upstream_reader, upstream_writer = await asyncio.open_connection(*self.upstream)
+        self._writers.append(upstream_writer)
+        await asyncio.gather(
+            self._pump(link, reader, upstream_writer),
+            self._pump(link, upstream_reader, writer),
+            return_exceptions=True,
+        )
+
+    @staticmethod
+    async def _pump(link: dict[str, bool], reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            if not link["frozen"]:
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+
+async def test_a_half_open_connection_fails_a_query_instead_of_hanging(database_url: str) -> None:
+    parts = urlsplit(database_url)
+    if not parts.hostname or parts.hostname.startswith("/") or "host" in parse_qs(parts.query):
+        pytest.skip(f"the test server is not reached over TCP ({database_url}), so no TCP proxy can sit in between")
+    async with FreezableProxy(parts.hostname, parts.port or 5432) as proxy:
+        # statement_timeout 0.5 s, so the client-side command timeout is 1.5 s.
+        pool = await create_pool(proxy.url(database_url), min_size=1, max_size=1, statement_timeout=0.5)
+        try:
+            assert await pool.fetchval("SELECT 1") == 1  # it answers through the proxy
+            conn = await pool.acquire()
+            try:
+                proxy.freeze()
+                started = time.monotonic()
+                with anyio.fail_after(10), pytest.raises(TimeoutError):
+                    await conn.fetchval("SELECT 1")
+                assert 1.0 <= time.monotonic() - started < 5
+            finally:
+                # Dead either way: terminated first, so the release does not wait on it for ever.
+                conn.terminate()
+                await pool.release(conn)
+        finally:
+            pool.terminate()

@@ -1,12 +1,15 @@
-"""Connections, the embedded server, and applying schema.sql."""
+"""Connections, the embedded server, and bringing the schema up to date."""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +21,6 @@ from .config import Settings
 from .errors import DatabaseUnavailable, SchemaTooNew
 
 log = logging.getLogger(__name__)
-
-# Bump together with a change to schema.sql; a database newer than this is refused.
-SCHEMA_VERSION = 1
 
 EMBEDDED_DATABASE = "wordclaw"
 
@@ -35,6 +35,61 @@ CONNECTION_ERRORS: tuple[type[Exception], ...] = (
     asyncpg.exceptions.OperatorInterventionError,
 )
 
+# --- migrations -------------------------------------------------------------------------------
+#
+# schema.sql is the whole current model, applied to a fresh database. A database made by an
+# earlier release is brought forward by wordclaw_mcp/migrations/NNNN_name.sql instead: every
+# file numbered above the database's version, in order, in one transaction. The release's
+# SCHEMA_VERSION is the highest number there; tests/test_schema.py proves that upgrading from
+# every earlier version gives the same catalog as schema.sql.
+
+MIGRATION_FILE = re.compile(r"^(?P<version>\d{4})_(?P<name>[a-z0-9_]+)\.sql$")
+
+
+class MigrationError(RuntimeError):
+    """The migration files themselves are wrong: a packaging or authoring bug, not a database state."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    filename: str
+    sql: str
+
+
+def migrations_folder() -> Traversable:
+    """The packaged migrations: wordclaw_mcp/migrations, in a wheel and in a source checkout alike."""
+    return resources.files("wordclaw_mcp").joinpath("migrations")
+
+
+def load_migrations(folder: Traversable | Path | None = None) -> list[Migration]:
+    """The migrations in ``folder`` (default: the packaged ones), in order, numbered 1..N without gaps."""
+    folder = migrations_folder() if folder is None else folder
+    found: dict[int, Migration] = {}
+    for entry in folder.iterdir():
+        if not entry.name.endswith(".sql") or not entry.is_file():
+            continue
+        match = MIGRATION_FILE.match(entry.name)
+        if match is None:
+            raise MigrationError(f"{entry.name}: a migration file is named NNNN_lowercase_name.sql")
+        version = int(match["version"])
+        if version in found:
+            raise MigrationError(f"{found[version].filename} and {entry.name} have the same number")
+        found[version] = Migration(version, entry.name, entry.read_text(encoding="utf-8"))
+    versions = sorted(found)
+    if not versions or versions != list(range(1, len(versions) + 1)):
+        raise MigrationError(f"migrations in {folder} must be numbered from 0001 without gaps; found {versions}")
+    return [found[version] for version in versions]
+
+
+# The release's schema version: its highest migration. A database newer than this is refused.
+SCHEMA_VERSION = load_migrations()[-1].version
+
+# The client-side limit on each statement of the schema transaction. The pool's command_timeout
+# is for ordinary statements; a long migration, or waiting for another process's, may take far
+# longer. asyncpg cannot switch the limit off per call, so this is a day.
+SCHEMA_STATEMENT_TIMEOUT = 24 * 3600.0
+
 
 def schema_sql() -> str:
     packaged = resources.files("wordclaw_mcp").joinpath("schema.sql")
@@ -44,48 +99,153 @@ def schema_sql() -> str:
     return (Path(__file__).resolve().parent.parent / "schema.sql").read_text(encoding="utf-8")
 
 
+async def apply_schema(
+    conn: asyncpg.Connection, *, force: bool = False, migrations: Sequence[Migration] | None = None
+) -> int:
+    """Bring the schema up to date and return its version (the release's SCHEMA_VERSION).
+
+    - A fresh database (no schema_version table) gets schema.sql, recorded at SCHEMA_VERSION.
+    - A database at version k gets migrations k+1..SCHEMA_VERSION in order, each recorded.
+    - A newer database is refused with SchemaTooNew.
+    - ``force`` applies schema.sql again afterwards; every statement in it is idempotent.
+
+    Everything runs in one transaction under an advisory lock, so processes starting together
+    apply it once, and a failing migration leaves the database at the version it was.
+    ``migrations`` replaces the packaged migrations (for tests).
+    """
+    chain = load_migrations() if migrations is None else sorted(migrations, key=lambda migration: migration.version)
+    release = chain[-1].version
+    async with conn.transaction():
+        # Before the lock: waiting for another process's migration must not time out either.
+        await conn.execute(queries.SCHEMA_LIFT_TIMEOUTS, timeout=SCHEMA_STATEMENT_TIMEOUT)
+        await conn.execute(queries.SCHEMA_LOCK, timeout=SCHEMA_STATEMENT_TIMEOUT)
+        found = 0
+        if await conn.fetchval(queries.SCHEMA_TABLE_EXISTS):
+            found = await conn.fetchval(queries.SCHEMA_VERSION)
+        if found > release:
+            raise SchemaTooNew(found, release)
+        if found == 0:
+            log.info("applying schema.sql to a fresh database (release at version %s)", release)
+            await conn.execute(schema_sql(), timeout=SCHEMA_STATEMENT_TIMEOUT)
+            await conn.execute(queries.RECORD_SCHEMA_VERSION, release)
+            return release
+        for migration in chain:
+            if migration.version > found:
+                log.info("applying migration %s (database at version %s)", migration.filename, found)
+                await conn.execute(migration.sql, timeout=SCHEMA_STATEMENT_TIMEOUT)
+                await conn.execute(queries.RECORD_SCHEMA_VERSION, migration.version)
+        if force:
+            log.info("applying schema.sql again (forced)")
+            await conn.execute(schema_sql(), timeout=SCHEMA_STATEMENT_TIMEOUT)
+    return release
+
+
+# --- connections ------------------------------------------------------------------------------
+
+# A transaction left open by a client that went quiet holds its locks until this ends it.
+IDLE_IN_TRANSACTION_TIMEOUT = 60.0
+
+
+def _milliseconds(seconds: float) -> str:
+    """A duration setting for PostgreSQL; 0 or less switches the limit off."""
+    return "0" if seconds <= 0 else str(max(1, round(seconds * 1000)))
+
+
+def command_timeout_for(statement_timeout: float) -> float | None:
+    """asyncpg's client-side limit: a little above the server's, so the server's error comes first.
+
+    Only the client can end a wait on a server that never answers (a half-open connection).
+    """
+    if statement_timeout <= 0:
+        return None
+    return statement_timeout + max(1.0, statement_timeout * 0.1)
+
+
+def connection_options(
+    *,
+    statement_timeout: float = Settings.statement_timeout,
+    lock_timeout: float = Settings.lock_timeout,
+    idle_in_transaction_timeout: float = IDLE_IN_TRANSACTION_TIMEOUT,
+) -> dict[str, Any]:
+    """Keyword arguments for asyncpg.connect / create_pool.
+
+    The settings travel in the start-up packet, so they are the session's defaults: the pool's
+    RESET ALL on release returns to them instead of dropping them, as it would a SET.
+    """
+    return {
+        "command_timeout": command_timeout_for(statement_timeout),
+        "server_settings": {
+            "statement_timeout": _milliseconds(statement_timeout),
+            "lock_timeout": _milliseconds(lock_timeout),
+            "idle_in_transaction_session_timeout": _milliseconds(idle_in_transaction_timeout),
+            # asyncpg prepares every statement, and after five runs PostgreSQL may switch to a
+            # generic plan that assumes unnest() yields 10 rows. For RECORD_ATTEMPTS that plan
+            # drives the update from the running-leases index and rescans the batch per running
+            # job: quadratic, 8 s instead of 0.3 s for 5,000 outcomes. Our statements take arrays
+            # and limits whose real sizes the planner must see, and planning costs far less than
+            # the commit that follows.
+            "plan_cache_mode": "force_custom_plan",
+        },
+    }
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     for type_name in ("json", "jsonb"):
         await conn.set_type_codec(type_name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
-    # asyncpg prepares every statement, and after five runs PostgreSQL may switch to a generic
-    # plan that assumes unnest() yields 10 rows. For RECORD_ATTEMPTS that plan drives the update
-    # from the running-leases index and rescans the batch per running job: quadratic, 8 s
-    # instead of 0.3 s for 5,000 outcomes. Our statements take arrays and limits whose real
-    # sizes the planner must see, and planning costs far less than the commit that follows.
-    await conn.execute(queries.SESSION_SETTINGS)
 
 
-async def connect(url: str, **kwargs: Any) -> asyncpg.Connection:
-    """A single connection with the same codecs as the pool (for LISTEN and tests)."""
-    conn = await asyncpg.connect(url, **kwargs)
+async def connect(
+    url: str,
+    *,
+    statement_timeout: float = Settings.statement_timeout,
+    lock_timeout: float = Settings.lock_timeout,
+    idle_in_transaction_timeout: float = IDLE_IN_TRANSACTION_TIMEOUT,
+    **kwargs: Any,
+) -> asyncpg.Connection:
+    """A single connection with the same codecs and limits as the pool (for LISTEN and tests)."""
+    options = connection_options(
+        statement_timeout=statement_timeout,
+        lock_timeout=lock_timeout,
+        idle_in_transaction_timeout=idle_in_transaction_timeout,
+    )
+    options["server_settings"].update(kwargs.pop("server_settings", None) or {})
+    conn = await asyncpg.connect(url, **(options | kwargs))
     await _init_connection(conn)
     return conn
 
 
-async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+async def create_pool(
+    url: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 10,
+    statement_timeout: float = Settings.statement_timeout,
+    lock_timeout: float = Settings.lock_timeout,
+    idle_in_transaction_timeout: float = IDLE_IN_TRANSACTION_TIMEOUT,
+) -> asyncpg.Pool:
+    """A pool whose connections carry the codecs and the statement, lock and idle limits.
+
+    A statement waiting on a lock longer than ``lock_timeout`` fails with LockNotAvailableError;
+    one running longer than ``statement_timeout`` with QueryCanceledError; one whose server
+    stops answering with TimeoutError a little later (the client-side command_timeout).
+    0 switches a limit off.
+    """
+    options = connection_options(
+        statement_timeout=statement_timeout,
+        lock_timeout=lock_timeout,
+        idle_in_transaction_timeout=idle_in_transaction_timeout,
+    )
     try:
-        return await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, init=_init_connection)
+        return await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, init=_init_connection, **options)
     except (OSError, asyncpg.PostgresError) as exc:
         raise DatabaseUnavailable(str(exc)) from exc
 
 
-async def apply_schema(conn: asyncpg.Connection, *, force: bool = False) -> int:
-    """Verify the schema, applying schema.sql when the database is behind. Returns the version.
-
-    Runs under an advisory lock, so a server and a worker starting together apply it once.
-    """
-    async with conn.transaction():
-        await conn.execute(queries.SCHEMA_LOCK)
-        found = 0
-        if await conn.fetchval(queries.SCHEMA_TABLE_EXISTS):
-            found = await conn.fetchval(queries.SCHEMA_VERSION)
-        if found > SCHEMA_VERSION:
-            raise SchemaTooNew(found, SCHEMA_VERSION)
-        if found < SCHEMA_VERSION or force:
-            log.info("applying schema.sql (database at version %s, release at %s)", found, SCHEMA_VERSION)
-            await conn.execute(schema_sql())
-            await conn.execute(queries.RECORD_SCHEMA_VERSION, SCHEMA_VERSION)
-    return SCHEMA_VERSION
+async def create_pool_for(settings: Settings, url: str, *, max_size: int = 10) -> asyncpg.Pool:
+    """create_pool with the limits from ``settings``."""
+    return await create_pool(
+        url, max_size=max_size, statement_timeout=settings.statement_timeout, lock_timeout=settings.lock_timeout
+    )
 
 
 @dataclass
@@ -145,7 +305,11 @@ async def resolve_url(settings: Settings) -> str:
 async def open_pool(settings: Settings, *, max_size: int = 10) -> tuple[asyncpg.Pool, str]:
     """A pool on an up-to-date schema, plus the URL it connects to."""
     url = await resolve_url(settings)
-    pool = await create_pool(url, max_size=max_size)
-    async with pool.acquire() as conn:
-        await apply_schema(conn)
+    pool = await create_pool_for(settings, url, max_size=max_size)
+    try:
+        async with pool.acquire() as conn:
+            await apply_schema(conn)
+    except BaseException:
+        await pool.close()
+        raise
     return pool, url

@@ -1,0 +1,223 @@
+-- WordClaw Distribution: the whole data model.
+--
+-- Applied idempotently at start-up by the MCP server, the worker and `wordclaw db upgrade`,
+-- under an advisory lock so that processes starting together do not race.
+-- Every statement here must be safe to run again on a database that already has it.
+--
+-- Job state machine (River-style: each transition is one SQL statement in queries.py):
+--
+--   queued --claim--> running --success--> succeeded
+--     ^                  |----permanent failure or attempts exhausted--> failed
+--     |                  |
+--     +---retry (attempt > 0, next_attempt_at in the future)
+--   queued --cancel_plan--> cancelled
+--   running --lease expired (the worker vanished)--> queued, or failed when out of attempts
+--
+-- The plan's status is derived from its jobs by a trigger in the same transaction as the
+-- job change, so no code path can update a job and forget the plan.
+
+CREATE TABLE IF NOT EXISTS schema_version (
+    version     integer PRIMARY KEY,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE IF NOT EXISTS content_items (
+    id             uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    title          text NOT NULL CHECK (length(title) > 0),
+    body_markdown  text NOT NULL,
+    summary        text,
+    canonical_url  text,
+    metadata       jsonb NOT NULL DEFAULT '{}'::jsonb,
+    version        integer NOT NULL DEFAULT 1 CHECK (version > 0),
+    created_at     timestamptz NOT NULL DEFAULT now(),
+    updated_at     timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE IF NOT EXISTS distribution_targets (
+    id                 uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    name               text NOT NULL UNIQUE CHECK (length(name) > 0),
+    channel_type       text NOT NULL,
+    -- Non-secret settings only; secrets live encrypted in secret_ciphertext and are never read back out.
+    config_json        jsonb NOT NULL DEFAULT '{}'::jsonb,
+    secret_ciphertext  bytea,
+    active             boolean NOT NULL DEFAULT true,
+    suspended_until    timestamptz,
+    created_at         timestamptz NOT NULL DEFAULT now(),
+    updated_at         timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE IF NOT EXISTS distribution_plans (
+    id                   uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    content_item_id      uuid NOT NULL REFERENCES content_items (id),
+    content_version      integer NOT NULL,
+    status               text NOT NULL DEFAULT 'queued'
+        CHECK (status IN ('queued', 'running', 'succeeded', 'partial', 'failed', 'cancelled')),
+    created_by_agent_id  text NOT NULL,
+    idempotency_key      text,
+    options              jsonb NOT NULL DEFAULT '{}'::jsonb,
+    created_at           timestamptz NOT NULL DEFAULT now(),
+    completed_at         timestamptz
+);
+
+CREATE UNIQUE INDEX IF NOT EXISTS distribution_plans_idempotency_key
+    ON distribution_plans (created_by_agent_id, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+
+CREATE TABLE IF NOT EXISTS distribution_jobs (
+    id                uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    plan_id           uuid NOT NULL REFERENCES distribution_plans (id) ON DELETE CASCADE,
+    target_id         uuid NOT NULL REFERENCES distribution_targets (id),
+    position          integer NOT NULL DEFAULT 0,  -- the target's place in the plan's targetIds
+    attempt           integer NOT NULL DEFAULT 0 CHECK (attempt >= 0),
+    max_attempts      integer NOT NULL CHECK (max_attempts > 0),
+    status            text NOT NULL DEFAULT 'queued'
+        CHECK (status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
+    next_attempt_at   timestamptz NOT NULL DEFAULT now(),
+    lease_expires_at  timestamptz,
+    locked_by         text,
+    payload_snapshot  jsonb NOT NULL,
+    last_error        text,
+    created_at        timestamptz NOT NULL DEFAULT now(),
+    updated_at        timestamptz NOT NULL DEFAULT now(),
+    finished_at       timestamptz,
+    -- A running job always has a lease; a finished one never does.
+    CHECK ((status = 'running') = (lease_expires_at IS NOT NULL))
+);
+
+-- Serves the claim query: only due, queued rows are in it, in the order they are claimed.
+CREATE INDEX IF NOT EXISTS distribution_jobs_claim
+    ON distribution_jobs (next_attempt_at)
+    WHERE status = 'queued';
+
+-- Serves the rescue of attempts whose worker vanished (killed, or lost its database).
+CREATE INDEX IF NOT EXISTS distribution_jobs_leases
+    ON distribution_jobs (lease_expires_at)
+    WHERE status = 'running';
+
+CREATE INDEX IF NOT EXISTS distribution_jobs_plan ON distribution_jobs (plan_id);
+
+CREATE TABLE IF NOT EXISTS distribution_receipts (
+    id             uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    job_id         uuid NOT NULL REFERENCES distribution_jobs (id) ON DELETE CASCADE,
+    attempt        integer NOT NULL,
+    succeeded      boolean NOT NULL,
+    external_url   text,
+    status_code    integer,
+    error_message  text,
+    raw_meta       jsonb NOT NULL DEFAULT '{}'::jsonb,
+    created_at     timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE INDEX IF NOT EXISTS distribution_receipts_job ON distribution_receipts (job_id, attempt);
+
+-- The outbox: one row per state change, written by the triggers below in the same
+-- transaction as the change, so subscribers never see a change that was rolled back.
+CREATE TABLE IF NOT EXISTS distribution_events (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    event_type  text NOT NULL,
+    plan_id     uuid NOT NULL,
+    job_id      uuid,
+    payload     jsonb NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE INDEX IF NOT EXISTS distribution_events_plan ON distribution_events (plan_id, id);
+
+-- A plan's status from its jobs' statuses:
+--   some job not final:   'queued' while no job has been attempted, else 'running';
+--   every job final:      all succeeded -> 'succeeded', all cancelled -> 'cancelled',
+--                         none succeeded -> 'failed', otherwise 'partial'.
+CREATE OR REPLACE FUNCTION wordclaw_plan_status(p_plan_id uuid) RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT CASE
+        WHEN count(*) FILTER (WHERE status IN ('queued', 'running')) > 0 THEN
+            CASE WHEN bool_and(status = 'queued' AND attempt = 0) THEN 'queued' ELSE 'running' END
+        WHEN bool_and(status = 'succeeded') THEN 'succeeded'
+        WHEN bool_and(status = 'cancelled') THEN 'cancelled'
+        WHEN count(*) FILTER (WHERE status = 'succeeded') = 0 THEN 'failed'
+        ELSE 'partial'
+    END
+    FROM distribution_jobs
+    WHERE plan_id = p_plan_id
+$$;
+
+-- Statement-level with transition tables: a batch claim or completion rolls up each
+-- touched plan once, not once per job.
+--
+-- The touched plans are locked (in id order, so batches never deadlock) before their status
+-- is recomputed. Without the lock, two workers finishing a plan's last two jobs at once would
+-- each see the other's job still running, and the plan would stay 'running' for ever. Under
+-- READ COMMITTED the UPDATE after the lock takes a fresh snapshot that sees the other
+-- worker's committed change.
+CREATE OR REPLACE FUNCTION wordclaw_jobs_changed() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    touched uuid[];
+BEGIN
+    SELECT array_agg(DISTINCT n.plan_id ORDER BY n.plan_id) INTO touched
+    FROM new_jobs n JOIN old_jobs o ON o.id = n.id
+    WHERE n.status IS DISTINCT FROM o.status;
+
+    INSERT INTO distribution_events (event_type, plan_id, job_id, payload)
+    SELECT 'distribution.job.' || n.status, n.plan_id, n.id,
+           jsonb_build_object('jobId', n.id, 'planId', n.plan_id, 'targetId', n.target_id,
+                              'status', n.status, 'attempt', n.attempt, 'lastError', n.last_error)
+    FROM new_jobs n JOIN old_jobs o ON o.id = n.id
+    WHERE n.status IS DISTINCT FROM o.status
+       OR (n.status = 'queued' AND n.attempt IS DISTINCT FROM o.attempt);
+
+    IF touched IS NULL THEN
+        RETURN NULL;
+    END IF;
+
+    PERFORM 1 FROM distribution_plans WHERE id = ANY (touched) ORDER BY id FOR UPDATE;
+
+    UPDATE distribution_plans p
+    SET status = s.status,
+        completed_at = CASE WHEN s.status IN ('queued', 'running') THEN NULL
+                            ELSE coalesce(p.completed_at, now()) END
+    FROM (SELECT plan_id, wordclaw_plan_status(plan_id) AS status FROM unnest(touched) AS plan_id) s
+    WHERE p.id = s.plan_id AND p.status IS DISTINCT FROM s.status;
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION wordclaw_jobs_inserted() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    -- One wake-up per inserting statement, not per job: workers claim in batches anyway.
+    PERFORM pg_notify('wordclaw_jobs', '');
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION wordclaw_plan_changed() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'INSERT' OR NEW.status IS DISTINCT FROM OLD.status THEN
+        INSERT INTO distribution_events (event_type, plan_id, payload)
+        VALUES (
+            CASE WHEN TG_OP = 'INSERT' THEN 'distribution.plan.created'
+                 WHEN NEW.status IN ('queued', 'running') THEN 'distribution.plan.' || NEW.status
+                 ELSE 'distribution.plan.completed' END,
+            NEW.id,
+            jsonb_build_object('planId', NEW.id, 'contentItemId', NEW.content_item_id, 'status', NEW.status));
+        -- Wakes agents waiting on this plan (awaitDelivery) instead of making them poll.
+        PERFORM pg_notify('wordclaw_plans', NEW.id::text);
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER distribution_jobs_changed
+    AFTER UPDATE ON distribution_jobs
+    REFERENCING OLD TABLE AS old_jobs NEW TABLE AS new_jobs
+    FOR EACH STATEMENT EXECUTE FUNCTION wordclaw_jobs_changed();
+
+CREATE OR REPLACE TRIGGER distribution_jobs_inserted
+    AFTER INSERT ON distribution_jobs
+    FOR EACH STATEMENT EXECUTE FUNCTION wordclaw_jobs_inserted();
+
+CREATE OR REPLACE TRIGGER distribution_plans_changed
+    AFTER INSERT OR UPDATE OF status ON distribution_plans
+    FOR EACH ROW EXECUTE FUNCTION wordclaw_plan_changed();
