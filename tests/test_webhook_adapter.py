@@ -5,15 +5,19 @@ from __future__ import annotations
 import ipaddress
 import json
 import ssl
+import time
 import uuid
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
+import anyio
+import httpx
 import pytest
 import trustme
 from standardwebhooks import Webhook
 
 from queue_worker.adapters import AdapterOptions, DeliveryTarget, WebhookAdapter, truncate
+from queue_worker.adapters.webhook import RESPONSE_BODY_LIMIT, HostPools
 from queue_worker.retry import SCHEDULE_SECONDS, retry_delay
 from tests.helpers import new_signing_secret
 from wordclaw_mcp import netguard
@@ -90,6 +94,36 @@ async def test_a_slow_endpoint_times_out_as_a_retryable_failure(
     assert result.error == "The endpoint did not answer within 1 s."
 
 
+async def test_an_answer_that_trickles_in_is_cut_off_at_the_total_deadline(
+    adapter: WebhookAdapter, receiver: WebhookReceiver
+) -> None:
+    # A byte every 0.1 s: no single read waits anywhere near the 1 s timeout, yet the whole
+    # answer takes about 10 s.
+    receiver.behaviour.drip = 0.1
+    started = time.monotonic()
+    result = await adapter.deliver(PAYLOAD, target(receiver.url), message_id="m")
+    elapsed = time.monotonic() - started
+    assert (result.succeeded, result.retryable) == (False, True)
+    assert result.error == "The endpoint did not answer within 1 s."
+    assert elapsed < 3.0  # the deadline plus slack for a loaded machine, far short of the drip
+
+
+async def test_a_huge_body_is_read_only_as_far_as_the_receipt_keeps(
+    adapter: WebhookAdapter, receiver: WebhookReceiver
+) -> None:
+    chunk = b"y" * 65536
+    receiver.behaviour.body, receiver.behaviour.repeat = chunk, 1600  # 100 MiB
+    started = time.monotonic()
+    result = await adapter.deliver(PAYLOAD, target(receiver.url), message_id="m")
+    assert result.succeeded, result.error
+    assert result.raw_meta["responseBody"] == "y" * RESPONSE_BODY_LIMIT
+    assert time.monotonic() - started < 3.0
+    # The adapter hung up after the first bytes: the server could hand over no more than the
+    # sockets' buffers hold, nowhere near the whole body.
+    await anyio.to_thread.run_sync(receiver.wait_answered, 1)
+    assert receiver.body_bytes_sent < len(chunk) * 1600 // 4
+
+
 async def test_retry_after_as_an_http_date_is_understood(adapter: WebhookAdapter, receiver: WebhookReceiver) -> None:
     receiver.behaviour.status = 503
     receiver.behaviour.headers = {"retry-after": "Wed, 21 Oct 2099 07:28:00 GMT"}
@@ -127,6 +161,30 @@ async def test_loopback_targets_are_refused_unless_the_deployment_allows_them(re
         ("fe80::1", False),
         ("::ffff:127.0.0.1", False),  # IPv4-mapped loopback
         ("::ffff:10.0.0.1", False),
+        ("192.0.0.1", False),  # IETF protocol assignments
+        ("192.0.0.9", False),
+        ("64:ff9b::10.0.0.1", False),  # NAT64 reaches the embedded IPv4 address
+        ("64:ff9b::127.0.0.1", False),
+        ("64:ff9b::169.254.169.254", False),
+        ("64:ff9b::8.8.8.8", True),
+        ("64:ff9b:1::8.8.8.8", False),  # local-use NAT64 prefix
+        ("2002:a00:1::1", False),  # 6to4 of 10.0.0.1
+        ("2002:7f00:1::1", False),  # 6to4 of 127.0.0.1
+        ("2002:808:808::1", True),  # 6to4 of 8.8.8.8
+        ("::127.0.0.1", False),  # IPv4-compatible (deprecated)
+        ("::10.0.0.1", False),
+        ("::8.8.8.8", False),
+        ("::ffff:0:10.0.0.1", False),  # IPv4-translated
+        ("2001:0:4136:e378:8000:63bf:3fff:fdd2", False),  # Teredo
+        ("2001::1", False),
+        ("2001:db8::1", False),  # documentation
+        ("3fff::1", False),
+        ("100::1", False),  # discard-only
+        ("5f00::1", False),  # SRv6 segment identifiers
+        ("fec0::1", False),  # site-local (deprecated)
+        ("ff02::1", False),
+        ("198.18.0.1", False),  # benchmarking
+        ("240.0.0.1", False),
         ("8.8.8.8", True),
         ("2606:4700:4700::1111", True),
     ],
@@ -164,25 +222,67 @@ def tls_receiver(ca: trustme.CA, hostname: str) -> WebhookReceiver:
     return WebhookReceiver(tls=context)
 
 
-async def test_https_is_pinned_to_the_checked_address_and_still_verifies_the_name(tmp_path) -> None:
-    ca = trustme.CA()
+@pytest.fixture
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+async def tls_adapter(ca: trustme.CA, tmp_path):
+    """A webhook adapter that trusts ``ca`` (through WORDCLAW_CA_BUNDLE's option) and nothing else."""
     ca_file = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
     adapter = WebhookAdapter(AdapterOptions(allow_private_targets=True, timeout=5.0, ca_bundle=str(ca_file)))
+    yield adapter
+    await adapter.aclose()
+
+
+async def test_https_is_pinned_to_the_checked_address_and_still_verifies_the_name(
+    ca: trustme.CA, tls_adapter: WebhookAdapter
+) -> None:
+    adapter = tls_adapter
+    with tls_receiver(ca, "localhost") as receiver:
+        url = receiver.url.replace("127.0.0.1", "localhost")
+        result = await adapter.deliver(PAYLOAD, target(url), message_id="m")
+        assert result.succeeded, result.error
+        assert receiver.requests[0].headers["host"] == urlsplit(url).netloc
+    with tls_receiver(ca, "someone-else.example") as impostor:
+        url = impostor.url.replace("127.0.0.1", "localhost")
+        result = await adapter.deliver(PAYLOAD, target(url), message_id="m")
+        assert not result.succeeded
+        assert "CERTIFICATE_VERIFY_FAILED" in result.error
+        assert impostor.requests == []
+
+
+async def test_a_connection_verified_for_one_hostname_is_not_reused_for_another(
+    ca: trustme.CA, tls_adapter: WebhookAdapter
+) -> None:
+    adapter = tls_adapter
+    with tls_receiver(ca, "localhost") as receiver:  # the certificate names localhost only
+        named = receiver.url.replace("127.0.0.1", "localhost")
+        first = await adapter.deliver(PAYLOAD, target(named), message_id="m1")
+        assert first.succeeded, first.error
+        # Same address and port, another name: the open connection verified "localhost".
+        second = await adapter.deliver(PAYLOAD, target(receiver.url), message_id="m2")
+        assert not second.succeeded
+        assert "CERTIFICATE_VERIFY_FAILED" in second.error
+        assert [request.headers["webhook-id"] for request in receiver.requests] == ["m1"]
+
+
+async def test_connection_pools_per_hostname_are_bounded() -> None:
+    pools = HostPools(lambda: httpx.AsyncClient(trust_env=False), limit=2)
     try:
-        with tls_receiver(ca, "localhost") as receiver:
-            url = receiver.url.replace("127.0.0.1", "localhost")
-            result = await adapter.deliver(PAYLOAD, target(url), message_id="m")
-            assert result.succeeded, result.error
-            assert receiver.requests[0].headers["host"] == urlsplit(url).netloc
-        with tls_receiver(ca, "someone-else.example") as impostor:
-            url = impostor.url.replace("127.0.0.1", "localhost")
-            result = await adapter.deliver(PAYLOAD, target(url), message_id="m")
-            assert not result.succeeded
-            assert "CERTIFICATE_VERIFY_FAILED" in result.error
-            assert impostor.requests == []
+        async with pools.client("a.example") as a, pools.client("b.example") as b:
+            async with pools.client("A.example") as again:
+                assert again is a  # hostnames are case-insensitive
+        async with pools.client("b.example") as held:  # a.example is now the least recently used
+            async with pools.client("c.example"), pools.client("d.example"):
+                assert a.is_closed  # dropped at once: nobody was using it
+                assert not held.is_closed  # dropped, but in use: closed when let go
+            assert not held.is_closed
+        assert held.is_closed and b is held
     finally:
-        await adapter.aclose()
+        await pools.aclose()
 
 
 def content(body: str = "# Title\n\nA **bold** claim and more words here.") -> ContentItem:

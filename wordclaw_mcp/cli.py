@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import sys
 from dataclasses import replace
@@ -10,7 +11,7 @@ from dataclasses import replace
 import anyio
 
 from .config import Settings
-from .database import apply_schema, create_pool, resolve_url
+from .database import apply_schema, create_pool_for, resolve_url
 from .errors import DistributionError
 
 
@@ -28,7 +29,7 @@ def report_failure(prog: str, exc: DistributionError) -> int:
 
 async def upgrade(settings: Settings, *, force: bool = False) -> tuple[str, int]:
     url = await resolve_url(settings)
-    pool = await create_pool(url, max_size=1)
+    pool = await create_pool_for(settings, url, max_size=1)
     try:
         async with pool.acquire() as conn:
             return url, await apply_schema(conn, force=force)
@@ -36,11 +37,36 @@ async def upgrade(settings: Settings, *, force: bool = False) -> tuple[str, int]
         await pool.close()
 
 
+def is_loopback_host(host: str) -> bool:
+    """Whether binding to ``host`` keeps the server reachable from this machine only."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # any other name may resolve to an interface others can reach
+
+
+def unauthenticated_host(host: str) -> DistributionError:
+    return DistributionError(
+        "UNAUTHENTICATED_HOST",
+        f"--host {host} would serve the MCP tools beyond this machine, and they have no authentication: "
+        "anyone who can reach the port could publish through your targets.",
+        "Keep the default --host 127.0.0.1 and put an authenticating reverse proxy in front, "
+        "or pass --allow-unauthenticated if every client that can reach the port is trusted.",
+    )
+
+
 def mcp_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="wordclaw-mcp", description="Serve the WordClaw MCP tools.")
     parser.add_argument("--transport", choices=["stdio", "streamable-http"], default="stdio")
     parser.add_argument("--host", default="127.0.0.1", help="for streamable-http")
     parser.add_argument("--port", type=int, default=8765, help="for streamable-http")
+    parser.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="allow a --host other than loopback, though the tools have no authentication",
+    )
     worker = parser.add_mutually_exclusive_group()
     worker.add_argument(
         "--with-worker",
@@ -57,11 +83,13 @@ def mcp_main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
+    if args.transport == "streamable-http" and not (is_loopback_host(args.host) or args.allow_unauthenticated):
+        return report_failure("wordclaw-mcp", unauthenticated_host(args.host))
     configure_logging(args.log_level)
-    settings = Settings.from_env()
-    if args.run_worker is not None:
-        settings = replace(settings, run_worker=args.run_worker)
     try:
+        settings = Settings.from_env()
+        if args.run_worker is not None:
+            settings = replace(settings, run_worker=args.run_worker)
         # Fail before serving, with one line, rather than from inside the protocol loop.
         anyio.run(upgrade, settings)
     except DistributionError as exc:
@@ -81,8 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="wordclaw", description="WordClaw Distribution operator commands.")
     commands = parser.add_subparsers(dest="command", required=True)
     db = commands.add_parser("db", help="database commands").add_subparsers(dest="db_command", required=True)
-    upgrade_cmd = db.add_parser("upgrade", help="verify the schema and apply schema.sql if the database is behind")
-    upgrade_cmd.add_argument("--force", action="store_true", help="apply schema.sql even if the version matches")
+    upgrade_cmd = db.add_parser(
+        "upgrade", help="verify the schema: schema.sql on a fresh database, the pending migrations on an older one"
+    )
+    upgrade_cmd.add_argument(
+        "--force", action="store_true", help="apply schema.sql again even if the version matches (it is idempotent)"
+    )
     commands.add_parser("demo", help="publish a content item to a local webhook through the MCP server")
     commands.add_parser("mcp", help="the MCP server (same as wordclaw-mcp)", add_help=False)
     commands.add_parser("worker", help="the worker daemon (same as wordclaw-worker)", add_help=False)

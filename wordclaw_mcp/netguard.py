@@ -18,11 +18,66 @@ from .errors import DistributionError
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+# Ranges refused whatever the running Python's is_global says: its tables differ between
+# patch releases, and several of these are missing from older ones.
+NON_GLOBAL_NETWORKS: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = tuple(
+    ipaddress.ip_network(network)
+    for network in (
+        "0.0.0.0/8",
+        "10.0.0.0/8",
+        "100.64.0.0/10",  # carrier-grade NAT
+        "127.0.0.0/8",
+        "169.254.0.0/16",  # link-local, where cloud metadata lives
+        "172.16.0.0/12",
+        "192.0.0.0/24",  # IETF protocol assignments
+        "192.0.2.0/24",
+        "192.88.99.0/24",  # 6to4 relay anycast
+        "192.168.0.0/16",
+        "198.18.0.0/15",  # benchmarking
+        "198.51.100.0/24",
+        "203.0.113.0/24",
+        "224.0.0.0/4",  # multicast
+        "240.0.0.0/4",  # reserved, and broadcast
+        "::/128",
+        "::1/128",
+        "::/96",  # IPv4-compatible, deprecated: nothing public is reached this way
+        "::ffff:0:0:0/96",  # IPv4-translated (SIIT)
+        "64:ff9b:1::/48",  # local-use NAT64: translated inside someone's own network
+        "100::/64",  # discard-only
+        "2001::/23",  # IETF protocol assignments, Teredo (2001::/32) among them
+        "2001:db8::/32",
+        "3fff::/20",  # documentation
+        "5f00::/16",  # SRv6 segment identifiers
+        "fc00::/7",  # unique local
+        "fe80::/10",
+        "fec0::/10",  # site-local, deprecated
+        "ff00::/8",  # multicast
+    )
+)
+NAT64_WELL_KNOWN = ipaddress.IPv6Network("64:ff9b::/96")
+
+
+def embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address that traffic to ``address`` is delivered to, if it embeds one.
+
+    IPv4-mapped addresses are the IPv4 host itself; a NAT64 gateway translates the well-known
+    prefix to the embedded address; a 6to4 relay tunnels to the embedded router.
+    """
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address in NAT64_WELL_KNOWN:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return address.sixtofour
+
+
 def is_public(address: IPAddress) -> bool:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
-    # is_global is False for loopback, RFC 1918, link-local (cloud metadata), CGNAT,
-    # unspecified and reserved ranges; multicast can be "global" so it is refused separately.
+    if isinstance(address, ipaddress.IPv6Address) and (inner := embedded_ipv4(address)) is not None:
+        # The wrapper only says how to get there: the embedded address is where the request lands.
+        address = inner
+    if any(address in network for network in NON_GLOBAL_NETWORKS if network.version == address.version):
+        return False
+    # is_global also covers whatever the table above misses that the running Python knows about;
+    # multicast can be "global", so it is refused separately.
     return address.is_global and not address.is_multicast
 
 

@@ -69,7 +69,7 @@ class DistributionService:
     async def register_target(self, request: RegisterTargetInput) -> Target:
         adapter = self.adapters.get(request.channel_type)
         config = _validate_part(adapter.config_model, request.config, "config", "INVALID_TARGET_CONFIG")
-        ciphertext = None
+        secrets: dict[str, str] = {}
         if request.secrets:
             if adapter.secrets_model is None:
                 raise errors.DistributionError(
@@ -77,15 +77,19 @@ class DistributionService:
                     f"Channel type {request.channel_type!r} takes no secrets.",
                     "Call register_target again without secrets.",
                 )
-            secrets = _validate_part(adapter.secrets_model, request.secrets, "secrets", "INVALID_TARGET_SECRETS")
-            ciphertext = self.runtime.secrets.encrypt(secrets.model_dump(by_alias=True))
+            validated = _validate_part(adapter.secrets_model, request.secrets, "secrets", "INVALID_TARGET_SECRETS")
+            secrets = validated.model_dump(by_alias=True)
         await adapter.check_target(config)
+        # Secret parts of the config (a token in a URL) are encrypted with the secrets, and only
+        # the redacted rest is stored in clear and shown.
+        sealed = adapter.seal_config(config.model_dump(mode="json", by_alias=True))
+        secrets = {**secrets, **sealed.secrets}
         row = await self.pool.fetchrow(
             queries.INSERT_TARGET,
             request.name,
             request.channel_type,
-            config.model_dump(mode="json", by_alias=True),
-            ciphertext,
+            sealed.config,
+            self.runtime.secrets.encrypt(secrets) if secrets else None,
         )
         if row is None:
             raise errors.DistributionError(
@@ -97,7 +101,12 @@ class DistributionService:
 
     async def list_targets(self) -> TargetList:
         rows = await self.pool.fetch(queries.LIST_TARGETS)
-        return TargetList(targets=[Target.model_validate(dict(row)) for row in rows])
+        targets = [Target.model_validate(dict(row)) for row in rows]
+        for target in targets:
+            # Rows stored before configs were sealed may still hold a token; never show it.
+            if target.channel_type in self.adapters.channel_types:
+                target.config = self.adapters.get(target.channel_type).seal_config(target.config).config
+        return TargetList(targets=targets)
 
     async def _targets(self, target_ids: list[UUID]) -> list[Target]:
         rows = await self.pool.fetch(queries.GET_TARGETS, target_ids)

@@ -23,7 +23,8 @@ class DeliveryTarget:
     id: UUID
     name: str
     config: Mapping[str, Any]
-    secrets: Mapping[str, str] = field(default_factory=dict)
+    # Kept out of repr, which is what logs, tracebacks and debuggers print.
+    secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True)
@@ -40,9 +41,19 @@ class DeliveryResult:
 
 
 @dataclass(frozen=True)
+class SealedConfig:
+    """A target's config split at registration: ``config`` is stored in clear and shown to
+    callers; ``secrets`` are encrypted with the target's other secrets and come back to
+    ``deliver`` in ``DeliveryTarget.secrets``."""
+
+    config: dict[str, Any]
+    secrets: dict[str, str] = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True)
 class AdapterOptions:
     allow_private_targets: bool = False
-    timeout: float = 15.0
+    timeout: float = 15.0  # seconds for a whole delivery: connect, send, response headers and body
     ca_bundle: str | None = None  # PEM file of CAs to trust instead of the certifi bundle
 
 
@@ -61,6 +72,15 @@ class Adapter(ABC):
 
     async def check_target(self, config: BaseModel) -> None:  # noqa: B027 - optional hook
         """Refuse a target at registration, beyond what ``config_model`` validates."""
+
+    def seal_config(self, config: dict[str, Any]) -> SealedConfig:
+        """Designate the secret parts of a validated config (as JSON), such as a token in a URL.
+
+        The service calls it at registration, stores ``config`` and encrypts ``secrets``, and
+        calls it again on stored configs before showing them, so it must leave its own output
+        as it is. The default keeps the whole config in clear.
+        """
+        return SealedConfig(config)
 
     @abstractmethod
     def transform(self, content: ContentItem, policy: TransformPolicy) -> dict[str, Any]:

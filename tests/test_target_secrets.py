@@ -1,0 +1,221 @@
+"""What the service keeps to itself: credentials in target URLs, fragments of secrets, and its
+own unauthenticated tools, which must not face the network by accident."""
+
+from __future__ import annotations
+
+import json
+import secrets as random
+import uuid
+from urllib.parse import quote, urlsplit
+
+import asyncpg
+import pytest
+
+from queue_worker.adapters import DeliveryResult, DeliveryTarget, WebhookAdapter
+from queue_worker.worker import Worker, redact, scrub
+from tests.helpers import new_signing_secret
+from wordclaw_mcp import cli, queries
+from wordclaw_mcp.errors import DistributionError
+from wordclaw_mcp.models import CreateDistributionPlanInput, PlanRef, RegisterTargetInput, UpsertContentItemInput
+from wordclaw_mcp.receiver import WebhookReceiver
+from wordclaw_mcp.service import DistributionService
+
+pytestmark = pytest.mark.anyio
+
+
+def endpoint(receiver: WebhookReceiver) -> str:
+    """The receiver's scheme, host and port, for URLs with a path of the test's choosing."""
+    parts = urlsplit(receiver.url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+async def register(service: DistributionService, url: str, **secrets: str) -> dict:
+    target = await service.register_target(
+        RegisterTargetInput(
+            name=f"hook-{uuid.uuid4().hex[:8]}", channel_type="webhook", config={"url": url}, secrets=secrets or None
+        )
+    )
+    return target.model_dump(mode="json", by_alias=True)
+
+
+async def deliver_once(service: DistributionService, worker: Worker, target_id: str) -> str:
+    """Queue one plan to the target, run one worker pass over it; the receipts as JSON."""
+    item = await service.upsert_content_item(UpsertContentItemInput(title="T", body="b"))
+    plan = await service.create_distribution_plan(
+        CreateDistributionPlanInput(content_item_id=item.id, target_ids=[uuid.UUID(target_id)])
+    )
+    assert await worker.run_once() == 1
+    return (await service.get_receipts(PlanRef(plan_id=plan.id))).model_dump_json(by_alias=True)
+
+
+# --- credentials in target URLs ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["https://alice:s3cr3t-Passw0rd@example.com/hook", "https://alice-the-user@example.com/hook"],
+)
+async def test_user_info_in_a_target_url_is_refused_without_echoing_it(service: DistributionService, url: str) -> None:
+    with pytest.raises(DistributionError) as refused:
+        await register(service, url)
+    error = refused.value
+    assert error.code == "INVALID_TARGET_CONFIG"
+    assert "config.url" in error.message and "user name or password" in error.message
+    assert error.remediation
+    said = json.dumps(error.to_dict())
+    assert "s3cr3t-Passw0rd" not in said and "alice" not in said
+    assert (await service.list_targets()).targets == []
+
+
+@pytest.mark.parametrize(
+    ("path", "shown"),
+    [
+        ("/hooks/wordclaw?token={token}&format=json", "/hooks/wordclaw?token=[redacted]&format=[redacted]"),
+        ("/services/T0001/B0002/{token}", "/services/T0001/B0002/[redacted]"),  # Slack's layout
+        ("/api/webhooks/123456789/{token}", "/api/webhooks/123456789/[redacted]"),  # Discord's layout
+    ],
+)
+async def test_tokens_in_a_target_url_are_stored_encrypted_and_shown_redacted(
+    service: DistributionService,
+    worker: Worker,
+    receiver: WebhookReceiver,
+    db: asyncpg.Connection,
+    path: str,
+    shown: str,
+) -> None:
+    token = random.token_urlsafe(24)
+    full_path = path.format(token=token)
+    receiver.behaviour.body = json.dumps({"youSent": full_path, "token": token}).encode()
+
+    target = await register(service, endpoint(receiver) + full_path)
+    assert target["config"] == {"url": endpoint(receiver) + shown}
+    assert target["hasSecrets"] is True
+    listed = (await service.list_targets()).model_dump_json(by_alias=True)
+    assert endpoint(receiver) + shown in listed and token not in listed
+    stored = await db.fetch(queries.LIST_TARGETS)  # config_json as stored
+    assert token not in json.dumps([row["config"] for row in stored])
+
+    receipts = await deliver_once(service, worker, target["id"])
+    # Delivery still goes to the whole URL, query included.
+    assert [request.path for request in receiver.requests] == [full_path]
+    assert token not in receipts
+    receipt = json.loads(receipts)["receipts"][0]
+    assert receipt["succeeded"] is True
+    assert receipt["externalUrl"] == endpoint(receiver) + shown.partition("?")[0]
+    assert json.loads(receipt["rawMeta"]["responseBody"])["token"] == "[redacted]"
+
+
+async def test_a_url_without_credentials_is_stored_as_it_is(service: DistributionService) -> None:
+    target = await register(service, "https://example.com/hooks/wordclaw")
+    assert target["config"] == {"url": "https://example.com/hooks/wordclaw"}
+    assert target["hasSecrets"] is False
+
+
+async def test_targets_stored_before_urls_were_sealed_are_listed_redacted_and_still_delivered(
+    service: DistributionService, worker: Worker, receiver: WebhookReceiver, db: asyncpg.Connection
+) -> None:
+    token = random.token_urlsafe(24)
+    full_path = f"/hooks/wordclaw?token={token}"
+    # A row as register_target wrote it before: the whole URL in config_json, no secrets.
+    row = await db.fetchrow(queries.INSERT_TARGET, "legacy", "webhook", {"url": endpoint(receiver) + full_path}, None)
+
+    listed = (await service.list_targets()).targets
+    assert [target.config for target in listed] == [{"url": endpoint(receiver) + "/hooks/wordclaw?token=[redacted]"}]
+    await deliver_once(service, worker, str(row["id"]))
+    assert [request.path for request in receiver.requests] == [full_path]
+
+
+# --- fragments of secrets ----------------------------------------------------------------------
+
+
+def test_scrubbing_covers_the_meaningful_fragments_of_each_secret() -> None:
+    signing_secret = new_signing_secret()
+    key = signing_secret.removeprefix("whsec_")
+    path_token = random.token_urlsafe(18)
+    query_value = f"a/b+c={random.token_hex(8)}"
+    url = f"https://hooks.slack.com/services/T0001/B0002/{path_token}?sig={quote(query_value, safe='')}"
+    echoed = (
+        f"bad key {key}; path {path_token}; query {query_value}; encoded {quote(query_value, safe='')} "
+        f"or {quote(query_value)}; "
+        f"url {url}; encoded url {quote(url, safe='')}; page 1 of json"
+    )
+    result = redact(
+        DeliveryResult(succeeded=False, error=echoed, external_url=url, raw_meta={"body": [echoed], "n": 3}),
+        [signing_secret, url],
+    )
+    stored = json.dumps([result.error, result.external_url, result.raw_meta])
+    for fragment in (key, path_token, query_value, quote(query_value, safe=""), quote(query_value)):
+        assert fragment not in stored
+    assert "bad key [redacted]; path [redacted]" in result.error
+    assert result.error.endswith("page 1 of json")  # short, ordinary text is left alone
+    assert result.raw_meta["n"] == 3
+    assert scrub("nothing secret here", [signing_secret, url]) == "nothing secret here"
+
+
+async def test_a_server_echoing_part_of_the_signing_secret_is_redacted_from_the_receipt(
+    service: DistributionService, worker: Worker, receiver: WebhookReceiver
+) -> None:
+    signing_secret = new_signing_secret()
+    key = signing_secret.removeprefix("whsec_")
+    receiver.behaviour.status = 401
+    receiver.behaviour.body = json.dumps({"error": f"signature does not match key {key}"}).encode()
+    target = await register(service, receiver.url, signingSecret=signing_secret)
+    receipts = await deliver_once(service, worker, target["id"])
+    assert key not in receipts
+    assert "signature does not match key [redacted]" in json.loads(receipts)["receipts"][0]["rawMeta"]["responseBody"]
+
+
+def test_a_delivery_target_never_prints_its_secrets() -> None:
+    signing_secret = new_signing_secret()
+    url = f"https://example.com/hook?token={random.token_urlsafe(24)}"
+    sealed = WebhookAdapter().seal_config({"url": url})
+    target = DeliveryTarget(
+        id=uuid.uuid4(), name="hook", config=sealed.config, secrets={"signingSecret": signing_secret, **sealed.secrets}
+    )
+    for printed in (repr(target), str(target), repr(sealed), f"{target}"):
+        assert signing_secret not in printed and url not in printed
+        assert urlsplit(url).query.partition("=")[2] not in printed
+    assert "hook" in repr(target)
+
+
+# --- the MCP server's own exposure -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.10", "example.com"])
+def test_a_non_loopback_host_is_refused_unless_unauthenticated_access_is_allowed(
+    monkeypatch: pytest.MonkeyPatch, tmp_path, capsys: pytest.CaptureFixture[str], host: str
+) -> None:
+    # Nothing listens on port 1: past the host check, the server fails at once on the database
+    # instead of serving.
+    monkeypatch.setenv("WORDCLAW_DATABASE_URL", "postgresql://postgres@127.0.0.1:1/postgres")
+    monkeypatch.setenv("WORDCLAW_HOME", str(tmp_path))
+    argv = ["--transport", "streamable-http", "--host", host]
+
+    assert cli.mcp_main(argv) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("wordclaw-mcp: UNAUTHENTICATED_HOST: ")
+    assert f"--host {host}" in lines[0] and "--allow-unauthenticated" in lines[0]
+
+    assert cli.mcp_main([*argv, "--allow-unauthenticated"]) == 2
+    assert "DATABASE_UNAVAILABLE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.0.0.2", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("LOCALHOST", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("10.0.0.1", False),
+        ("example.com", False),
+        ("localhost.example.com", False),
+    ],
+)
+def test_only_loopback_hosts_count_as_local(host: str, loopback: bool) -> None:
+    assert cli.is_loopback_host(host) is loopback

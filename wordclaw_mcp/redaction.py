@@ -1,0 +1,113 @@
+"""Keeping secrets out of what is stored and shown: redacted URLs, and scrubbing of echoed secrets.
+
+A secret rarely comes back whole. A server that rejects a signature may quote the key's base64
+without its ``whsec_`` prefix, an error may quote a URL's token without the rest of the URL, and
+either may arrive percent-encoded. So scrubbing replaces every meaningful fragment of a secret,
+not only the exact string.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+from urllib.parse import quote, quote_plus, unquote, unquote_plus, urlsplit, urlunsplit
+
+REDACTED = "[redacted]"
+
+# A fragment shorter than this is too likely to be ordinary text ("1", "json", "true"): replacing
+# it everywhere would mangle receipts while protecting nothing. Whole secrets are always replaced.
+MIN_FRAGMENT = 8
+
+# Channels that put the credential in the URL's path. The named group ``secret`` is the part
+# that grants access; the rest (ids, workspace names) is kept so the target stays recognisable.
+# Matched on the path alone, so a proxy or a self-hosted relay with the same layout is covered.
+SECRET_PATHS: tuple[re.Pattern[str], ...] = (
+    re.compile(r"^/services/T[A-Za-z0-9]+/B[A-Za-z0-9]+/(?P<secret>[^/]+)"),  # Slack incoming webhooks
+    re.compile(r"^/triggers/T[A-Za-z0-9]+/[^/]+/(?P<secret>[^/]+)"),  # Slack workflow triggers
+    re.compile(r"^/api(?:/v\d+)?/webhooks/\d+/(?P<secret>[^/]+)"),  # Discord
+    re.compile(r"^/webhookb2/(?P<secret>.+)"),  # Microsoft Teams connectors
+)
+
+
+def _secret_path_span(path: str) -> tuple[int, int] | None:
+    for pattern in SECRET_PATHS:
+        if match := pattern.match(path):
+            return match.span("secret")
+    return None
+
+
+def redact_url(url: str) -> str:
+    """``url`` as it may be stored and shown: user info dropped; query values, the fragment and
+    any channel token in the path replaced by REDACTED. Applying it twice changes nothing more."""
+    parts = urlsplit(url)
+    path = parts.path
+    if span := _secret_path_span(path):
+        path = path[: span[0]] + REDACTED + path[span[1] :]
+    query = "&".join(_redact_parameter(parameter) for parameter in parts.query.split("&")) if parts.query else ""
+    fragment = REDACTED if parts.fragment else ""
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], path, query, fragment))
+
+
+def _redact_parameter(parameter: str) -> str:
+    name, equals, _value = parameter.partition("=")
+    return f"{name}={REDACTED}" if equals else REDACTED
+
+
+def public_url(url: str) -> str:
+    """The endpoint to name in a receipt: no user info, query or fragment, and no path token."""
+    parts = urlsplit(redact_url(url))
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+
+
+def url_secret_parts(url: str) -> set[str]:
+    """The pieces of a URL that carry credentials: query values, the path token, the password."""
+    parts = urlsplit(url)
+    found = {parts.query, parts.fragment, parts.password or ""}
+    for parameter in parts.query.split("&"):
+        name, equals, value = parameter.partition("=")
+        found.add(value if equals else name)
+    if span := _secret_path_span(parts.path):
+        token = parts.path[span[0] : span[1]]
+        found.add(token)
+        found.update(token.split("/"))
+    return {part for part in found if part}
+
+
+def fragments(secret: str) -> set[str]:
+    """Every form in which ``secret``, or a meaningful part of it, may be echoed back."""
+    parts = {secret}
+    if secret.startswith("whsec_"):
+        key = secret.removeprefix("whsec_")
+        # The key without its prefix, as a server that decodes the secret would quote it.
+        parts |= {key, key.rstrip("="), key.replace("+", "-").replace("/", "_").rstrip("=")}
+    if urlsplit(secret).scheme in {"http", "https"}:
+        parts |= url_secret_parts(secret)
+    # A URL's parts arrive encoded: decode first, so every encoding of the plain value is covered.
+    plain = parts | {unquote(part) for part in parts} | {unquote_plus(part) for part in parts}
+    forms = set(plain)
+    for part in plain:
+        forms |= {quote(part, safe=""), quote(part), quote_plus(part, safe=""), quote_plus(part)}
+    return {form for form in forms if form == secret or len(form) >= MIN_FRAGMENT}
+
+
+def scrub(value: Any, secrets: Iterable[str]) -> Any:
+    """``value`` (a string, or JSON-like data) with every fragment of every secret replaced."""
+    needles: set[str] = set()
+    for secret in secrets:
+        if secret:
+            needles |= fragments(secret)
+    # Longest first, so a whole secret is replaced as one before its parts are looked for.
+    return _replace(value, sorted(needles, key=len, reverse=True))
+
+
+def _replace(value: Any, needles: list[str]) -> Any:
+    if isinstance(value, str):
+        for needle in needles:
+            value = value.replace(needle, REDACTED)
+        return value
+    if isinstance(value, Mapping):
+        return {key: _replace(item, needles) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_replace(item, needles) for item in value]
+    return value
