@@ -1,17 +1,23 @@
--- WordClaw Distribution: the whole data model.
+-- WordClaw Distribution: the whole data model, for fresh installs.
 --
--- Applied idempotently at start-up by the MCP server, the worker and `wordclaw db upgrade`,
--- under an advisory lock so that processes starting together do not race.
--- Every statement here must be safe to run again on a database that already has it.
+-- Applied at start-up by the MCP server, the worker and `wordclaw db upgrade`, under an
+-- advisory lock so that processes starting together do not race. A database made by an
+-- earlier release is brought here by wordclaw_mcp/migrations/ instead, in order; a test
+-- proves the two paths give the same schema. Every statement must stay safe to run again
+-- (`wordclaw db upgrade --force`).
 --
 -- Job state machine (River-style: each transition is one SQL statement in queries.py):
 --
 --   queued --claim--> running --success--> succeeded
 --     ^                  |----permanent failure or attempts exhausted--> failed
---     |                  |
+--     |                  |----failure, lease lost or shutdown after a cancel request--> cancelled
+--     |                  |----its target was deactivated--> failed (TARGET_INACTIVE)
 --     +---retry (attempt > 0, next_attempt_at in the future)
+--     +---released uncounted: this worker cannot decrypt the target's secrets
 --   queued --cancel_plan--> cancelled
+--   queued --its target is deactivated--> failed (TARGET_INACTIVE)
 --   running --lease expired (the worker vanished)--> queued, or failed when out of attempts
+--   any but succeeded --a late success of an earlier attempt--> succeeded (it was delivered)
 --
 -- The plan's status is derived from its jobs by a trigger in the same transaction as the
 -- job change, so no code path can update a job and forget the plan.
@@ -56,7 +62,8 @@ CREATE TABLE IF NOT EXISTS distribution_plans (
     idempotency_key      text,
     options              jsonb NOT NULL DEFAULT '{}'::jsonb,
     created_at           timestamptz NOT NULL DEFAULT now(),
-    completed_at         timestamptz
+    completed_at         timestamptz,
+    cancel_requested_at  timestamptz
 );
 
 CREATE UNIQUE INDEX IF NOT EXISTS distribution_plans_idempotency_key
@@ -80,6 +87,8 @@ CREATE TABLE IF NOT EXISTS distribution_jobs (
     created_at        timestamptz NOT NULL DEFAULT now(),
     updated_at        timestamptz NOT NULL DEFAULT now(),
     finished_at       timestamptz,
+    -- Set by cancel_plan on a running job: its attempt may still succeed, but it is never retried.
+    cancel_requested_at  timestamptz,
     -- A running job always has a lease; a finished one never does.
     CHECK ((status = 'running') = (lease_expires_at IS NOT NULL))
 );
@@ -108,7 +117,9 @@ CREATE TABLE IF NOT EXISTS distribution_receipts (
     created_at     timestamptz NOT NULL DEFAULT now()
 );
 
-CREATE INDEX IF NOT EXISTS distribution_receipts_job ON distribution_receipts (job_id, attempt);
+-- One receipt per attempt: a write repeated after a lost commit acknowledgement, or a late
+-- result after a rescue, meets the first receipt instead of adding a second.
+CREATE UNIQUE INDEX IF NOT EXISTS distribution_receipts_attempt ON distribution_receipts (job_id, attempt);
 
 -- The outbox: one row per state change, written by the triggers below in the same
 -- transaction as the change, so subscribers never see a change that was rolled back.
@@ -208,6 +219,26 @@ BEGIN
     RETURN NULL;
 END
 $$;
+
+-- A deactivated target's queued jobs can never be claimed: fail them now so their plans end.
+-- Its running jobs fail when their attempt is recorded (RECORD_ATTEMPTS, RESCUE_EXPIRED_LEASES).
+CREATE OR REPLACE FUNCTION wordclaw_target_deactivated() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE distribution_jobs
+    SET status = 'failed',
+        last_error = 'TARGET_INACTIVE: the target was deactivated before this job was delivered.',
+        finished_at = now(),
+        updated_at = now()
+    WHERE target_id = NEW.id AND status = 'queued';
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER distribution_targets_deactivated
+    AFTER UPDATE OF active ON distribution_targets
+    FOR EACH ROW WHEN (OLD.active AND NOT NEW.active)
+    EXECUTE FUNCTION wordclaw_target_deactivated();
 
 CREATE OR REPLACE TRIGGER distribution_jobs_changed
     AFTER UPDATE ON distribution_jobs

@@ -19,11 +19,13 @@ from .worker import Worker
 
 
 async def serve(settings: Settings) -> None:
-    async with Runtime.open(settings) as runtime, anyio.create_task_group() as tg:
+    async with Runtime.open(settings) as runtime:
         worker = Worker(runtime)
-        tg.start_soon(_stop_on_signal, worker)
-        await worker.run()
-        tg.cancel_scope.cancel()
+        await worker.check_secret_keys()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_stop_on_signal, worker)
+            await worker.run()
+            tg.cancel_scope.cancel()
 
 
 async def _stop_on_signal(worker: Worker) -> None:
@@ -41,10 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
-    settings = Settings.from_env()
-    if args.concurrency:
-        settings = replace(settings, worker_concurrency=args.concurrency)
     try:
+        settings = Settings.from_env()
+        if args.concurrency is not None:
+            settings = replace(settings, worker_concurrency=args.concurrency)
         anyio.run(serve, settings)
     except DistributionError as exc:
         return report_failure("wordclaw-worker", exc)

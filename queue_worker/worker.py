@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import traceback
 from collections.abc import Iterable, Mapping, Sequence
@@ -14,7 +15,7 @@ from uuid import UUID
 import anyio
 import asyncpg
 
-from wordclaw_mcp import queries
+from wordclaw_mcp import queries, redaction
 from wordclaw_mcp.database import CONNECTION_ERRORS
 from wordclaw_mcp.errors import DistributionError
 from wordclaw_mcp.notifications import JOBS_CHANNEL
@@ -30,6 +31,33 @@ REDACTED = "[redacted]"
 # expired ones every half minute finds a vanished worker's jobs soon enough.
 RESCUE_INTERVAL = 30.0
 RESCUE_BATCH = 100
+# A job this worker cannot decrypt waits this long before any worker claims it again.
+RELEASE_DELAY = 60.0
+# Back-off after a database error: doubling from the poll interval up to this.
+MAX_BACKOFF = 30.0
+# How many stored secrets a starting worker tries its keys on.
+KEY_CHECK_SAMPLE = 100
+
+UNKNOWN_OUTCOME = "The worker holding this attempt stopped responding; its outcome is unknown."
+TARGET_INACTIVE = "TARGET_INACTIVE: the target was deactivated; this job will not be delivered."
+INTERRUPTED = "The worker shut down before this attempt finished; its outcome is unknown."
+
+# Errors that say nothing about the batch being written: the database is restarting, failing
+# over (read-only), out of connections, or picked this transaction as a deadlock victim. The
+# same write is tried again after a back-off. Any other error is the batch's own fault.
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
+    *CONNECTION_ERRORS,
+    asyncpg.ReadOnlySQLTransactionError,
+    asyncpg.InsufficientResourcesError,
+    asyncpg.TransactionRollbackError,
+    asyncpg.LockNotAvailableError,
+    asyncpg.InvalidCachedStatementError,
+)
+
+RECONNECT_ERRORS: tuple[type[Exception], ...] = (*CONNECTION_ERRORS, asyncpg.ReadOnlySQLTransactionError)
+
+# PostgreSQL stores neither NUL nor lone surrogates (text and jsonb refuse them).
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -54,16 +82,52 @@ class ClaimedJob:
 
 @dataclass(frozen=True)
 class Outcome:
-    """An attempt's result on its way to the database."""
+    """An attempt's result on its way to the database.
+
+    A ``released`` attempt sent nothing (this worker cannot decrypt the target's secrets): the
+    job goes back uncounted, without a receipt, for a worker that holds the right key.
+    """
 
     job: ClaimedJob
     result: DeliveryResult
     retry_delay: float
+    released: bool = False
 
     @classmethod
     def of(cls, job: ClaimedJob, result: DeliveryResult) -> Outcome:
         """With the retry delay from the schedule (unused when the attempt succeeded)."""
         return cls(job, result, 0.0 if result.succeeded else retry_delay(job.attempt, result.retry_after))
+
+    @classmethod
+    def release(cls, job: ClaimedJob, error: str) -> Outcome:
+        return cls(job, DeliveryResult(succeeded=False, retryable=True, error=error), RELEASE_DELAY, released=True)
+
+    def unstorable(self, exc: Exception) -> Outcome:
+        """This outcome stripped to what cannot fail to store, saying why."""
+        reason = type(exc).__name__ + (f" {exc.sqlstate}" if isinstance(exc, asyncpg.PostgresError) else "")
+        verdict = "succeeded" if self.result.succeeded else "failed"
+        result = replace(
+            self.result,
+            external_url=None,
+            raw_meta={},
+            error=f"The attempt {verdict}, but its details could not be stored ({reason}).",
+        )
+        return replace(self, result=result)
+
+
+class Backoff:
+    """Delays that double from ``first`` up to ``cap``, until ``reset``."""
+
+    def __init__(self, first: float, cap: float) -> None:
+        self.first, self.cap = max(first, 0.01), cap
+        self._next = self.first
+
+    def next(self) -> float:
+        delay, self._next = self._next, min(self._next * 2, self.cap)
+        return delay
+
+    def reset(self) -> None:
+        self._next = self.first
 
 
 class Worker:
@@ -73,6 +137,9 @@ class Worker:
     previous write was in flight, in one statement. Under load that is one commit (and one
     trigger firing) per batch rather than per job; when idle it is one write per delivery,
     with no added delay.
+
+    No database error stops the worker: it logs, backs off and carries on, keeping its
+    in-flight work and the outcomes it has yet to write.
     """
 
     def __init__(self, runtime: Runtime, *, name: str | None = None) -> None:
@@ -81,6 +148,7 @@ class Worker:
         self.pool = runtime.pool
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self._wake = anyio.Event()
+        self._stop_requested = anyio.Event()
         self._stopping = False
         self._in_flight = 0
         self._idle = anyio.Event()
@@ -92,7 +160,34 @@ class Worker:
     def stop(self) -> None:
         """Stop claiming; ``run`` returns once in-flight attempts finish or the grace runs out."""
         self._stopping = True
+        self._stop_requested.set()
         self._wake.set()
+
+    async def check_secret_keys(self) -> None:
+        """Refuse to start with keys that decrypt none of the stored secrets: a deployment fault."""
+        rows = await self.pool.fetch(queries.TARGET_SECRETS, KEY_CHECK_SAMPLE)
+        unreadable = [row["name"] for row in rows if not self._can_decrypt(row["secret_ciphertext"])]
+        if rows and len(unreadable) == len(rows):
+            raise DistributionError(
+                "SECRET_KEY_MISMATCH",
+                f"This worker's keys decrypt none of the {len(rows)} stored target secrets it tried.",
+                "Start it with the WORDCLAW_SECRET_KEYS that the MCP server and the other workers use; "
+                "the key the secrets were written with must be in the list.",
+            )
+        if unreadable:
+            log.warning(
+                "worker %s cannot decrypt the secrets of %d target(s) (%s); their jobs wait for a worker that can",
+                self.name,
+                len(unreadable),
+                ", ".join(unreadable),
+            )
+
+    def _can_decrypt(self, ciphertext: bytes) -> bool:
+        try:
+            self.runtime.secrets.decrypt(ciphertext)
+        except DistributionError:
+            return False
+        return True
 
     async def run(self) -> None:
         log.info("worker %s started (concurrency %d)", self.name, self.settings.worker_concurrency)
@@ -106,29 +201,39 @@ class Worker:
                 self._outcome_added.set()  # the flusher writes what is left, then returns
         log.info("worker %s stopped", self.name)
 
+    def _claim_size(self) -> int:
+        """How many jobs to claim now: a real batch once half of one is free, never more than is free.
+
+        Waking for every freed slot would claim one job at a time; waiting for a whole batch to
+        free would leave slots idle behind one slow delivery.
+        """
+        batch = min(self.settings.worker_batch_size, self.settings.worker_concurrency)
+        free = self.settings.worker_concurrency - self._in_flight
+        return min(free, batch) if free >= max(1, batch // 2) or not self._in_flight else 0
+
     async def _claim_and_deliver(self) -> None:
-        batch_size = self.settings.worker_batch_size
         next_rescue = 0.0
+        backoff = Backoff(self.settings.poll_interval, MAX_BACKOFF)
         with self.runtime.notifications.subscribe(JOBS_CHANNEL, lambda _payload: self._wake.set()):
             async with anyio.create_task_group() as deliveries:
                 while not self._stopping:
-                    free = self.settings.worker_concurrency - self._in_flight
-                    # Claim in real batches: waking for every freed slot would claim one job at a time.
-                    batch = min(free, batch_size) if free >= max(1, batch_size // 2) or not self._in_flight else 0
+                    size = self._claim_size()
                     claimed: list[ClaimedJob] = []
                     try:
                         if anyio.current_time() >= next_rescue:
                             await self.rescue()
                             next_rescue = anyio.current_time() + RESCUE_INTERVAL
-                        claimed = await self.claim(batch)
-                    except CONNECTION_ERRORS as exc:
-                        # Ride out a database restart: keep the in-flight work, retry after the poll.
-                        log.warning("worker %s lost the database (%s); retrying", self.name, type(exc).__name__)
-                        await self.pool.expire_connections()
+                        claimed = await self.claim(size)
+                    except Exception as exc:
+                        await self._database_trouble(exc, "claiming jobs")
+                        with anyio.move_on_after(backoff.next()):
+                            await self._stop_requested.wait()
+                        continue
+                    backoff.reset()
                     for job in claimed:
                         self._started()
                         deliveries.start_soon(self._process, job)
-                    if claimed and len(claimed) == batch:
+                    if claimed and len(claimed) == size:
                         continue  # a full batch: there may be more due right now
                     await self.runtime.notifications.ensure()
                     with anyio.move_on_after(self.settings.poll_interval):
@@ -139,6 +244,20 @@ class Worker:
                 # Past the grace period: cancel, and _process records each interrupted attempt.
                 deliveries.cancel_scope.cancel()
 
+    async def _database_trouble(self, exc: Exception, doing: str) -> None:
+        if isinstance(exc, CONNECTION_ERRORS):
+            log.warning("worker %s lost the database while %s (%s); retrying", self.name, doing, type(exc).__name__)
+        elif isinstance(exc, asyncpg.PostgresError):
+            log.warning(
+                "worker %s: the database refused %s (%s: %s); backing off", self.name, doing, type(exc).__name__, exc
+            )
+        else:
+            log.error("worker %s failed while %s; backing off", self.name, doing, exc_info=exc)
+        if isinstance(exc, RECONNECT_ERRORS):
+            # Replace every pooled connection at once rather than fail once per dead one; after
+            # a failover the old sessions may also be bound to a server that is now read-only.
+            await self.pool.expire_connections()
+
     async def claim(self, limit: int) -> list[ClaimedJob]:
         if limit <= 0:
             return []
@@ -146,8 +265,8 @@ class Worker:
         return [ClaimedJob.from_row(row) for row in rows]
 
     async def rescue(self) -> int:
-        """Requeue (or fail) attempts whose lease ran out. Returns how many were rescued."""
-        rescued = await self.pool.fetch(queries.RESCUE_EXPIRED_LEASES, RESCUE_BATCH)
+        """Requeue (or end) attempts whose lease ran out. Returns how many were rescued."""
+        rescued = await self.pool.fetch(queries.RESCUE_EXPIRED_LEASES, RESCUE_BATCH, UNKNOWN_OUTCOME, TARGET_INACTIVE)
         if rescued:
             log.warning("rescued %d attempt(s) whose worker stopped responding", len(rescued))
         return len(rescued)
@@ -155,15 +274,15 @@ class Worker:
     async def run_once(self) -> int:
         """Claim one batch, deliver it, and record it in one write. For tests and one-shot runs."""
         jobs = await self.claim(self.settings.worker_batch_size)
-        results: list[DeliveryResult] = [DeliveryResult(succeeded=False)] * len(jobs)
+        outcomes: list[Outcome] = []
 
-        async def deliver(index: int, job: ClaimedJob) -> None:
-            results[index] = await self.deliver(job)
+        async def attempt(job: ClaimedJob) -> None:
+            outcomes.append(await self.attempt(job))
 
         async with anyio.create_task_group() as deliveries:
-            for index, job in enumerate(jobs):
-                deliveries.start_soon(deliver, index, job)
-        await self.record_many([Outcome.of(job, result) for job, result in zip(jobs, results, strict=True)])
+            for job in jobs:
+                deliveries.start_soon(attempt, job)
+        await self._write(outcomes)
         return len(jobs)
 
     def _started(self) -> None:
@@ -184,49 +303,103 @@ class Worker:
 
     async def _process(self, job: ClaimedJob) -> None:
         try:
-            result = await self.deliver(job)
+            done = await self.attempt(job)
         except anyio.get_cancelled_exc_class():
-            interrupted = DeliveryResult(
-                succeeded=False,
-                retryable=True,
-                error="The worker shut down before this attempt finished; its outcome is unknown.",
-            )
+            interrupted = DeliveryResult(succeeded=False, retryable=True, error=INTERRUPTED)
             self._finished(Outcome(job, interrupted, retry_delay=0.0))
             raise
-        self._finished(Outcome.of(job, result))
+        self._finished(done)
 
     async def _flush_outcomes(self) -> None:
         """Write finished attempts until the worker stops and nothing is left to write."""
+        backoff = Backoff(self.settings.poll_interval, MAX_BACKOFF)
+        give_up_at: float | None = None
         while self._delivering or self._outcomes:
             await self._outcome_added.wait()
             self._outcome_added = anyio.Event()
             while self._outcomes:
                 batch, self._outcomes = self._outcomes, []
                 try:
-                    await self.record_many(batch)
-                except CONNECTION_ERRORS as exc:
-                    if not self._delivering:
-                        # Shutting down with no database: the leases run out and rescue() requeues.
-                        log.error("could not record %d attempt(s) before stopping (%s)", len(batch), exc)
-                        self._released(len(batch))
-                        return
-                    log.warning("recording %d attempt(s) failed (%s); retrying", len(batch), type(exc).__name__)
+                    await self._write(batch)
+                except TRANSIENT_ERRORS as exc:
                     self._outcomes[:0] = batch
-                    await self.pool.expire_connections()
-                    await anyio.sleep(self.settings.poll_interval)
+                    if not self._delivering:
+                        give_up_at = give_up_at or anyio.current_time() + self.settings.shutdown_grace
+                        if anyio.current_time() >= give_up_at:
+                            # The leases run out and rescue() requeues these attempts.
+                            log.error("could not record %d attempt(s) before stopping (%s)", len(self._outcomes), exc)
+                            self._released(len(self._outcomes))
+                            self._outcomes = []
+                            return
+                    await self._database_trouble(exc, f"recording {len(batch)} attempt(s)")
+                    await anyio.sleep(backoff.next())
                     continue
-                except Exception:
-                    # Not retried: a poison batch must not wedge the worker. The leases run out
-                    # and rescue() requeues these attempts.
-                    log.exception("recording %d attempt(s) failed; leaving them to lease expiry", len(batch))
+                backoff.reset()
                 self._released(len(batch))
 
+    async def _write(self, batch: list[Outcome]) -> None:
+        """Record a batch; if it holds an outcome the database refuses, isolate that one.
+
+        Every write is safe to repeat, so a transient error part-way through simply means the
+        whole batch is written again.
+        """
+        try:
+            await self.record_many(batch)
+            return
+        except TRANSIENT_ERRORS:
+            raise
+        except Exception as exc:
+            if len(batch) == 1:
+                return await self._write_unstorable(batch[0], exc)
+            log.warning("recording %d attempt(s) failed (%s); recording them one at a time", len(batch), exc)
+        for outcome in batch:
+            try:
+                await self.record_many([outcome])
+            except TRANSIENT_ERRORS:
+                raise
+            except Exception as exc:
+                await self._write_unstorable(outcome, exc)
+
+    async def _write_unstorable(self, outcome: Outcome, exc: Exception) -> None:
+        log.error(
+            "the outcome of job %s attempt %d could not be stored (%s: %s); storing it without its details",
+            outcome.job.id,
+            outcome.job.attempt,
+            type(exc).__name__,
+            exc,
+        )
+        try:
+            await self.record_many([outcome.unstorable(exc)])
+        except TRANSIENT_ERRORS:
+            raise
+        except Exception:
+            # Not retried: a poison outcome must not wedge the worker. Its lease runs out and
+            # rescue() requeues the attempt with a receipt.
+            log.exception("job %s attempt %d is left to lease expiry", outcome.job.id, outcome.job.attempt)
+
+    async def attempt(self, job: ClaimedJob) -> Outcome:
+        """Deliver one claimed job; never raises."""
+        try:
+            secrets = self.runtime.secrets.decrypt(job.secret_ciphertext) if job.secret_ciphertext else {}
+        except DistributionError as exc:
+            log.error(
+                "worker %s cannot decrypt the secrets of target %s (%s); leaving job %s for a worker that can",
+                self.name,
+                job.target_name,
+                exc.code,
+                job.id,
+            )
+            return Outcome.release(
+                job, f"{exc.code}: worker {self.name} could not decrypt the target's secrets. {exc.remediation}"
+            )
+        return Outcome.of(job, await self._deliver(job, secrets))
+
     async def deliver(self, job: ClaimedJob) -> DeliveryResult:
-        secrets: dict[str, str] = {}
+        return (await self.attempt(job)).result
+
+    async def _deliver(self, job: ClaimedJob, secrets: dict[str, str]) -> DeliveryResult:
         try:
             adapter = self.runtime.adapters.get(job.channel_type)
-            if job.secret_ciphertext is not None:
-                secrets = self.runtime.secrets.decrypt(job.secret_ciphertext)
             target = DeliveryTarget(id=job.target_id, name=job.target_name, config=job.config, secrets=secrets)
             result = await adapter.deliver(job.payload, target, message_id=str(job.id))
         except DistributionError as exc:
@@ -260,7 +433,10 @@ class Worker:
     async def record_many(
         self, outcomes: Sequence[Outcome], *, conn: asyncpg.Connection | None = None
     ) -> dict[UUID, str]:
-        """Write receipts and move the jobs on, in one statement. Returns the new status by job id."""
+        """Write receipts and move the jobs on, in one statement. Returns the new status by job id.
+
+        Safe to repeat: an attempt already recorded keeps its first receipt and moves nothing.
+        """
         if not outcomes:
             return {}
         rows = await (conn or self.pool).fetch(
@@ -268,12 +444,14 @@ class Worker:
             [o.job.id for o in outcomes],
             [o.job.attempt for o in outcomes],
             [o.result.succeeded for o in outcomes],
-            [o.result.external_url for o in outcomes],
+            [storable(o.result.external_url) for o in outcomes],
             [o.result.status_code for o in outcomes],
-            [o.result.error for o in outcomes],
-            [o.result.raw_meta for o in outcomes],
+            [storable(o.result.error) for o in outcomes],
+            [storable(o.result.raw_meta) for o in outcomes],
             [o.result.retryable for o in outcomes],
             [o.retry_delay for o in outcomes],
+            [o.released for o in outcomes],
+            TARGET_INACTIVE,
         )
         statuses = {row["id"]: row["status"] for row in rows}
         for o in outcomes:
@@ -282,22 +460,25 @@ class Worker:
         return statuses
 
 
-def scrub(value: Any, secrets: Iterable[str]) -> Any:
-    """``value`` (a string, or JSON-like data) with every secret value replaced by REDACTED."""
-    values = [secret for secret in secrets if secret]
+def storable(value: Any) -> Any:
+    """``value`` (a string, or JSON-like data) with what PostgreSQL cannot store replaced by U+FFFD."""
     if isinstance(value, str):
-        for secret in values:
-            value = value.replace(secret, REDACTED)
-        return value
+        return _UNSTORABLE.sub("\ufffd", value)
     if isinstance(value, Mapping):
-        return {key: scrub(item, values) for key, item in value.items()}
-    if isinstance(value, list):
-        return [scrub(item, values) for item in value]
+        return {storable(str(key)): storable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [storable(item) for item in value]
     return value
 
 
+def scrub(value: Any, secrets: Iterable[str]) -> Any:
+    """``value`` (a string, or JSON-like data) with every secret, and every meaningful fragment of
+    one (see wordclaw_mcp.redaction.fragments), replaced by REDACTED."""
+    return redaction.scrub(value, secrets)
+
+
 def redact(result: DeliveryResult, secrets: Iterable[str]) -> DeliveryResult:
-    """Blank any secret value an adapter or a server echoed into what gets stored."""
+    """Blank any secret (or fragment of one) an adapter or a server echoed into what gets stored."""
     values = [secret for secret in secrets if secret]
     if not values:
         return result

@@ -81,6 +81,27 @@ async def terminate_backends(server_url: str, database: str) -> int:
         await admin.close()
 
 
+async def terminate_lock_waiters(server_url: str, database: str) -> int:
+    """Wait until a session on ``database`` is blocked on a lock, then kill every such session.
+
+    Killing a connection while its statement runs makes the loss certain: one killed while idle
+    may be noticed, and silently replaced, by the pool before anyone uses it.
+    """
+    import asyncpg
+
+    admin = await asyncpg.connect(server_url)
+    try:
+        return await eventually(
+            lambda: admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = $1 AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()",
+                database,
+            )
+        )
+    finally:
+        await admin.close()
+
+
 async def await_plan_around(
     service: DistributionService,
     plan_id: UUID,

@@ -7,11 +7,13 @@ import time
 import uuid
 from dataclasses import replace
 
+import anyio
 import asyncpg
 import pytest
+from cryptography.fernet import Fernet
 from mcp import Client
 
-from tests.helpers import call, call_error, database_name, new_signing_secret, terminate_backends
+from tests.helpers import call, call_error, database_name, new_signing_secret, terminate_lock_waiters
 from wordclaw_mcp.config import Settings
 from wordclaw_mcp.receiver import WebhookReceiver
 from wordclaw_mcp.server import build_server
@@ -275,16 +277,63 @@ async def test_await_delivery_returns_the_current_state_after_ten_seconds(
 async def test_a_lost_database_connection_is_a_coded_error_and_the_next_call_recovers(
     mcp_client_no_worker: Client, settings: Settings, postgres_server_url: str
 ) -> None:
-    """Killing the server's backends either surfaces as DATABASE_UNAVAILABLE or is absorbed by the
-    pool reconnecting, depending on when the client library notices; never anything else."""
     database = database_name(settings.database_url)
-    for _ in range(5):
-        await call(mcp_client_no_worker, "list_targets")  # the pool holds a live connection
-        killed = await terminate_backends(postgres_server_url, database)
-        assert killed >= 1
-        result = await mcp_client_no_worker.call_tool("list_targets", {})
-        if result.is_error:
-            error = json.loads(result.content[0].text)["error"]
-            assert error["code"] == "DATABASE_UNAVAILABLE", error
-            assert error["remediation"].startswith("Retry")
-        assert (await call(mcp_client_no_worker, "list_targets"))["targets"] == []
+    await call(mcp_client_no_worker, "list_targets")
+    blocker = await asyncpg.connect(settings.database_url)
+    try:
+        async with anyio.create_task_group() as tg, blocker.transaction():
+            # The tool's query waits on this lock, so its connection is certainly killed mid-call
+            # (one killed while idle may be replaced by the pool before anyone notices).
+            await blocker.execute("LOCK TABLE distribution_targets IN ACCESS EXCLUSIVE MODE")
+            outcome: dict = {}
+
+            async def list_targets() -> None:
+                outcome["result"] = await mcp_client_no_worker.call_tool("list_targets", {})
+
+            tg.start_soon(list_targets)
+            assert await terminate_lock_waiters(postgres_server_url, database) == 1
+    finally:
+        await blocker.close()
+    result = outcome["result"]
+    assert result.is_error
+    error = json.loads(result.content[0].text)["error"]
+    assert error["code"] == "DATABASE_UNAVAILABLE", error
+    assert error["remediation"].startswith("Retry")
+    assert (await call(mcp_client_no_worker, "list_targets"))["targets"] == []
+
+
+@pytest.mark.parametrize(
+    ("tool", "arguments", "field"),
+    [
+        ("upsert_content_item", {"title": "a\x00b", "body": "b"}, "title"),
+        ("upsert_content_item", {"title": "t", "body": "b\x00"}, "body"),
+        ("upsert_content_item", {"title": "t", "body": "b", "summary": "\x00"}, "summary"),
+        ("upsert_content_item", {"title": "t", "body": "b", "metadata": {"k\x00": "v"}}, "metadata"),
+        ("upsert_content_item", {"title": "t", "body": "b", "metadata": {"k": {"deep": ["\x00"]}}}, "metadata"),
+        ("register_target", {"name": "n\x00", "channelType": "webhook", "config": {"url": "https://e.com"}}, "name"),
+        (
+            "register_target",
+            {"name": "n", "channelType": "webhook", "config": {"url": "https://e.com", "x": "\x00"}},
+            "config",
+        ),
+    ],
+)
+async def test_nul_characters_in_arguments_are_validation_errors_naming_the_field(
+    mcp_client_no_worker: Client, tool: str, arguments: dict, field: str
+) -> None:
+    error = await call_error(mcp_client_no_worker, tool, **arguments)
+    assert error["code"] == "VALIDATION_ERROR", error
+    assert f"{field}: " in error["message"] and "NUL" in error["message"]
+
+
+async def test_a_server_whose_keys_decrypt_no_stored_secret_serves_tools_without_delivering(
+    settings: Settings, receiver: WebhookReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with Client(build_server(settings)) as client:
+        item, target = await content_and_target(client, receiver.url, secrets={"signingSecret": new_signing_secret()})
+    wrong = replace(settings, run_worker=True, secret_keys=(Fernet.generate_key().decode(),))
+    async with Client(build_server(wrong)) as client:
+        plan = await call(client, "create_distribution_plan", contentItemId=item["id"], targetIds=[target["id"]])
+        assert plan["status"] == "queued"
+    assert "not delivering from this process: SECRET_KEY_MISMATCH" in caplog.text
+    assert receiver.requests == []

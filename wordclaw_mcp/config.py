@@ -8,6 +8,8 @@ from pathlib import Path
 
 import platformdirs
 
+from .errors import DistributionError
+
 _TRUE = {"1", "true", "yes", "on"}
 
 
@@ -47,6 +49,23 @@ class Settings:
     # connection fails a statement instead of hanging a claim or a flush for ever.
     statement_timeout: float = 30.0
     lock_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        # A delivery that could outlast its lease would be rescued and sent a second time
+        # while the first is still in flight.
+        if not 0 < self.delivery_timeout * 2 <= self.lease_seconds:
+            raise DistributionError(
+                "INVALID_SETTINGS",
+                f"The delivery timeout ({self.delivery_timeout:g} s) must be positive and at most half "
+                f"the lease ({self.lease_seconds} s).",
+                "Lower the delivery timeout or lengthen the lease.",
+            )
+        if self.worker_concurrency < 1 or self.worker_batch_size < 1:
+            raise DistributionError(
+                "INVALID_SETTINGS",
+                "Worker concurrency and batch size must be at least 1.",
+                "Set WORDCLAW_WORKER_CONCURRENCY (or --concurrency) to 1 or more.",
+            )
 
     @classmethod
     def from_env(cls) -> Settings:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, HttpUrl
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, HttpUrl, field_validator
 from pydantic.alias_generators import to_camel
 
 PlanStatus = Literal["queued", "running", "succeeded", "partial", "failed", "cancelled"]
@@ -19,10 +20,43 @@ class ApiModel(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class InputModel(ApiModel):
+    """A tool's arguments. Text that PostgreSQL cannot store is refused here, naming the field."""
+
+    @field_validator("*")
+    @classmethod
+    def _storable(cls, value: Any) -> Any:
+        if problem := _unstorable(value):
+            raise ValueError(problem)
+        return value
+
+
+def _unstorable(value: Any, where: str = "") -> str | None:
+    """Why ``value`` (or the key or item at ``where`` inside it) cannot be stored, if it cannot."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            return f"{where} contains a NUL character (\\u0000), which cannot be stored".strip()
+        if _SURROGATE.search(value):
+            return f"{where} contains an unpaired UTF-16 surrogate, which is not valid Unicode".strip()
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if problem := _unstorable(key, f"{where} key {key!r}".strip()) or _unstorable(item, f"{where}[{key!r}]"):
+                return problem
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            if problem := _unstorable(item, f"{where}[{index}]"):
+                return problem
+    return None
+
+
 # --- content --------------------------------------------------------------------------------
 
 
-class UpsertContentItemInput(ApiModel):
+class UpsertContentItemInput(InputModel):
     id: UUID | None = Field(None, description="Omit to create a new item; give an existing id to update it.")
     title: Annotated[str, Field(min_length=1, max_length=500)]
     body: str = Field(max_length=1_000_000, description="The body as Markdown, up to 1,000,000 characters.")
@@ -46,7 +80,7 @@ class ContentItem(ApiModel):
 # --- targets --------------------------------------------------------------------------------
 
 
-class RegisterTargetInput(ApiModel):
+class RegisterTargetInput(InputModel):
     name: Annotated[str, Field(min_length=1, max_length=200, description="Unique among targets.")]
     channel_type: str = Field(description="The adapter, e.g. 'webhook'.")
     config: dict[str, Any] = Field(
@@ -77,7 +111,7 @@ class TargetList(ApiModel):
 # --- plans ----------------------------------------------------------------------------------
 
 
-class TransformPolicy(ApiModel):
+class TransformPolicy(InputModel):
     body_format: Literal["markdown", "html"] = "markdown"
     max_length: Annotated[int | None, Field(ge=1, description="Truncate the body to this many characters.")] = None
     include_body: bool = Field(True, description="False sends title, summary and link only.")
@@ -90,7 +124,7 @@ def _distinct(ids: list[UUID]) -> list[UUID]:
     return ids
 
 
-class CreateDistributionPlanInput(ApiModel):
+class CreateDistributionPlanInput(InputModel):
     content_item_id: UUID
     target_ids: Annotated[list[UUID], Field(min_length=1, max_length=100), AfterValidator(_distinct)]
     transform_policy: TransformPolicy | None = None
@@ -100,7 +134,7 @@ class CreateDistributionPlanInput(ApiModel):
     dry_run: bool = Field(False, description="Return each target's transformed payload; queue nothing.")
 
 
-class PlanRef(ApiModel):
+class PlanRef(InputModel):
     plan_id: UUID
 
 
@@ -141,6 +175,9 @@ class Plan(ApiModel):
     status: PlanStatus | Literal["dry_run"]
     created_at: datetime | None = None
     completed_at: datetime | None = None
+    cancel_requested_at: datetime | None = Field(
+        None, description="When cancel_plan was called. Attempts in flight then finish, but none is retried."
+    )
     jobs: list[Job] = Field(default_factory=list)
     receipts: list[Receipt] | None = Field(None, description="Present when awaitDelivery was set.")
     previews: list[Preview] | None = Field(None, description="Present for a dry run.")

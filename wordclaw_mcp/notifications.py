@@ -53,7 +53,8 @@ class Notifications:
         try:
             await self.start()
             log.info("LISTEN connection re-established")
-        except CONNECTION_ERRORS as exc:
+        except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+            # Refused too (too many connections, a server starting up): polling covers for it.
             log.warning("LISTEN connection is down (%s); relying on polling", type(exc).__name__)
 
     async def close(self) -> None:

@@ -6,7 +6,9 @@ ride along in the same transaction through the triggers in schema.sql.
 
 # --- schema -----------------------------------------------------------------------------------
 
-SESSION_SETTINGS = "SET plan_cache_mode = force_custom_plan"
+# The schema transaction's first statement: a long migration, or waiting for another process's,
+# must not be cut off by the session's statement and lock timeouts. LOCAL: COMMIT restores them.
+SCHEMA_LIFT_TIMEOUTS = "SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 0"
 
 SCHEMA_LOCK = "SELECT pg_advisory_xact_lock(hashtext('wordclaw.schema'))"
 SCHEMA_TABLE_EXISTS = "SELECT to_regclass('schema_version') IS NOT NULL"
@@ -73,7 +75,7 @@ GET_TARGETS = f"SELECT {_TARGET_COLUMNS} FROM distribution_targets WHERE id = AN
 
 # --- plans ------------------------------------------------------------------------------------
 
-_PLAN_COLUMNS = "id, content_item_id, content_version, status, created_at, completed_at"
+_PLAN_COLUMNS = "id, content_item_id, content_version, status, created_at, completed_at, cancel_requested_at"
 
 INSERT_PLAN = f"""
 INSERT INTO distribution_plans (content_item_id, content_version, created_by_agent_id, options)
@@ -109,11 +111,29 @@ WHERE j.plan_id = $1
 ORDER BY j.position, r.attempt, r.id
 """
 
-# Transition: queued -> cancelled. Running jobs finish their attempt.
+# Transition: queued -> cancelled, in one statement. Running jobs keep their attempt but are
+# marked, so a failure, a lost lease or a shutdown ends them cancelled instead of retrying.
+# The jobs are locked (in id order) before the plan row, the order the job trigger takes them in,
+# so a cancel and a worker recording the same plan's jobs cannot deadlock.
 CANCEL_PLAN = """
-UPDATE distribution_jobs
-SET status = 'cancelled', finished_at = now(), updated_at = now()
-WHERE plan_id = $1 AND status = 'queued'
+WITH open_jobs AS (
+    SELECT id FROM distribution_jobs
+    WHERE plan_id = $1 AND status IN ('queued', 'running')
+    ORDER BY id
+    FOR UPDATE
+), jobs AS (
+    UPDATE distribution_jobs j
+    SET status = CASE WHEN j.status = 'queued' THEN 'cancelled' ELSE j.status END,
+        finished_at = CASE WHEN j.status = 'queued' THEN now() ELSE j.finished_at END,
+        cancel_requested_at = coalesce(j.cancel_requested_at, now()),
+        updated_at = now()
+    FROM open_jobs
+    WHERE j.id = open_jobs.id
+    RETURNING j.id
+)
+UPDATE distribution_plans
+SET cancel_requested_at = coalesce(cancel_requested_at, now())
+WHERE id = $1 AND (SELECT count(*) FROM jobs) >= 0
 """
 
 # --- worker -----------------------------------------------------------------------------------
@@ -145,66 +165,110 @@ RETURNING j.id, j.plan_id, j.target_id, j.attempt, j.max_attempts, j.payload_sna
           t.name AS target_name, t.channel_type, t.config_json AS config, t.secret_ciphertext
 """
 
-# Transition: running -> queued | failed for attempts whose lease ran out: the worker was
-# killed or lost its database. The attempt's outcome is unknown, so it counts, and gets a receipt.
+# Transition: running -> queued | failed | cancelled for attempts whose lease ran out: the
+# worker was killed or lost its database. The attempt's outcome is unknown, so it counts, and
+# gets a receipt (unless its late result got there first).
 RESCUE_EXPIRED_LEASES = """
 WITH lost AS (
-    UPDATE distribution_jobs
-    SET status = CASE WHEN attempt < max_attempts THEN 'queued' ELSE 'failed' END,
+    UPDATE distribution_jobs j
+    SET status = CASE WHEN j.cancel_requested_at IS NOT NULL THEN 'cancelled'
+                      WHEN NOT t.active OR j.attempt >= j.max_attempts THEN 'failed'
+                      ELSE 'queued' END,
         next_attempt_at = now(),
         lease_expires_at = NULL,
         locked_by = NULL,
-        last_error = 'The worker holding this attempt stopped responding; its outcome is unknown.',
-        finished_at = CASE WHEN attempt < max_attempts THEN NULL ELSE now() END,
+        last_error = CASE WHEN t.active OR j.cancel_requested_at IS NOT NULL THEN $2
+                          ELSE $3 END,
+        finished_at = CASE WHEN j.cancel_requested_at IS NULL AND t.active AND j.attempt < j.max_attempts
+                           THEN NULL ELSE now() END,
         updated_at = now()
-    WHERE id IN (
+    FROM distribution_targets t
+    WHERE t.id = j.target_id AND j.id IN (
         SELECT id FROM distribution_jobs
         WHERE status = 'running' AND lease_expires_at < now()
         ORDER BY lease_expires_at
         LIMIT $1
         FOR UPDATE SKIP LOCKED
     )
-    RETURNING id, attempt, last_error
+    RETURNING j.id, j.attempt
 )
 INSERT INTO distribution_receipts (job_id, attempt, succeeded, error_message)
-SELECT id, attempt, false, last_error FROM lost
+SELECT id, attempt, false, $2 FROM lost
+ON CONFLICT (job_id, attempt) DO NOTHING
 RETURNING job_id
 """
 
-# Transition: running -> succeeded | queued (retry) | failed, with each attempt's receipt, for
-# a batch of attempts in one statement (one commit, one trigger firing per batch).
-# The receipt is written even when the guard misses (the job was cancelled or rescued and
-# re-claimed meanwhile), because the attempt really happened.
+# Transition: running -> succeeded | queued (retry) | failed | cancelled, with each attempt's
+# receipt, for a batch of attempts in one statement (one commit, one trigger firing per batch).
+#
+# Safe to repeat: when a commit's acknowledgement is lost the worker writes the batch again,
+# and (job_id, attempt) is unique, so the first receipt stays and the guards below miss.
+# A result whose job moved on (cancelled, or rescued and perhaps re-claimed) is late: it moves
+# nothing, except that a late success upgrades the rescue's "outcome unknown" receipt and ends
+# the job succeeded, because the content really was delivered and must not be sent again.
+# A released attempt (this worker cannot decrypt the target's secrets) sent nothing: it is
+# requeued without counting and without a receipt, for a worker that holds the right key.
+#
 # Parallel arrays: $1 job ids, $2 attempts, $3 succeeded, $4 external URLs, $5 status codes,
-# $6 errors, $7 raw metadata, $8 retryable, $9 retry delays in seconds.
+# $6 errors, $7 raw metadata, $8 retryable, $9 retry delays in seconds, $10 released.
+# $11 is last_error for a job failed because its target was deactivated.
 RECORD_ATTEMPTS = """
 WITH outcome AS (
     SELECT *
     FROM unnest($1::uuid[], $2::int[], $3::bool[], $4::text[], $5::int[], $6::text[], $7::jsonb[],
-                $8::bool[], $9::float8[])
-        AS o (job_id, attempt, succeeded, external_url, status_code, error, raw_meta, retryable, delay)
+                $8::bool[], $9::float8[], $10::bool[])
+        AS o (job_id, attempt, succeeded, external_url, status_code, error, raw_meta, retryable, delay,
+              released)
 ), receipt AS (
-    INSERT INTO distribution_receipts
+    INSERT INTO distribution_receipts AS r
         (job_id, attempt, succeeded, external_url, status_code, error_message, raw_meta)
-    SELECT job_id, attempt, succeeded, external_url, status_code, error, raw_meta FROM outcome
-), decided AS (
-    SELECT o.job_id, o.attempt, o.error, o.delay,
-           CASE WHEN o.succeeded THEN 'succeeded'
-                WHEN o.retryable AND j.attempt < j.max_attempts THEN 'queued'
-                ELSE 'failed' END AS status
+    SELECT job_id, attempt, succeeded, external_url, status_code, error, raw_meta
+    FROM outcome WHERE NOT released
+    ON CONFLICT (job_id, attempt) DO UPDATE
+    SET succeeded = true, external_url = excluded.external_url, status_code = excluded.status_code,
+        error_message = excluded.error_message, raw_meta = excluded.raw_meta
+    WHERE NOT r.succeeded AND excluded.succeeded
+), locked AS (
+    -- Locked, in id order, before deciding: the decision reads the job's current state
+    -- (a cancel request may have just committed), and batches never deadlock each other.
+    SELECT o.*, j.status AS job_status, j.attempt AS job_attempt, j.max_attempts,
+           j.cancel_requested_at IS NOT NULL AS cancel_requested, t.active AS target_active
     FROM outcome o
     JOIN distribution_jobs j ON j.id = o.job_id
+    JOIN distribution_targets t ON t.id = j.target_id
+    ORDER BY j.id
+    FOR UPDATE OF j
+), decided AS (
+    SELECT job_id, error, delay, released AND on_time AS released, on_time,
+           CASE WHEN NOT on_time THEN CASE WHEN succeeded AND job_status <> 'succeeded' THEN 'succeeded' END
+                WHEN succeeded THEN 'succeeded'
+                WHEN cancel_requested THEN 'cancelled'
+                WHEN NOT target_active THEN 'failed'
+                WHEN released THEN 'queued'
+                WHEN retryable AND job_attempt < max_attempts THEN 'queued'
+                ELSE 'failed' END AS status,
+           on_time AND NOT succeeded AND NOT cancel_requested AND NOT target_active AS target_gone
+    FROM (SELECT *, job_status = 'running' AND job_attempt = attempt AS on_time FROM locked) l
 )
 UPDATE distribution_jobs j
 SET status = d.status,
+    attempt = CASE WHEN d.released THEN j.attempt - 1 ELSE j.attempt END,
     next_attempt_at = CASE WHEN d.status = 'queued' THEN now() + make_interval(secs => d.delay)
                            ELSE j.next_attempt_at END,
-    last_error = d.error,
+    last_error = CASE WHEN d.target_gone THEN $11 WHEN d.on_time THEN d.error END,
     lease_expires_at = NULL,
     locked_by = NULL,
     finished_at = CASE WHEN d.status = 'queued' THEN NULL ELSE now() END,
     updated_at = now()
 FROM decided d
-WHERE j.id = d.job_id AND j.status = 'running' AND j.attempt = d.attempt
+WHERE j.id = d.job_id AND d.status IS NOT NULL
 RETURNING j.id, j.status
+"""
+
+# Whether this worker's keys can read what is stored: checked before a worker starts.
+TARGET_SECRETS = """
+SELECT id, name, secret_ciphertext FROM distribution_targets
+WHERE active AND secret_ciphertext IS NOT NULL
+ORDER BY created_at DESC
+LIMIT $1
 """

@@ -148,7 +148,13 @@ TOOLS: tuple[ToolSpec, ...] = (
         "receipts; dryRun returns each target's payload and queues nothing.",
     ),
     ToolSpec("get_plan", PlanRef, Plan, "A plan's status and its jobs.", read_only=True),
-    ToolSpec("cancel_plan", PlanRef, Plan, "Cancel a plan's queued jobs; running attempts finish."),
+    ToolSpec(
+        "cancel_plan",
+        PlanRef,
+        Plan,
+        "Cancel a plan: queued jobs end cancelled at once. An attempt in flight finishes; it stays succeeded "
+        "if it delivered, and otherwise ends cancelled, never retried.",
+    ),
     ToolSpec("get_receipts", PlanRef, ReceiptList, "Every attempt's receipt for a plan.", read_only=True),
 )
 
@@ -202,6 +208,13 @@ def build_server(settings: Settings | None = None) -> WordClawServer:
             from queue_worker.worker import Worker
 
             worker = Worker(runtime)
+            try:
+                await worker.check_secret_keys()
+            except DistributionError as exc:
+                # The tools still work; delivery waits for a worker that holds the right key.
+                log.error("not delivering from this process: %s: %s %s", exc.code, exc.message, exc.remediation)
+                yield service
+                return
             async with anyio.create_task_group() as tg:
                 tg.start_soon(worker.run)
                 try:
