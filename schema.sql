@@ -13,10 +13,12 @@
 --     |                  |----failure, lease lost or shutdown after a cancel request--> cancelled
 --     |                  |----its target was deactivated--> failed (TARGET_INACTIVE)
 --     +---retry (attempt > 0, next_attempt_at in the future)
+--     +---throttled (429, Retry-After): back when the target's suspension ends, budget unspent
 --     +---released uncounted: this worker cannot decrypt the target's secrets
 --   queued --cancel_plan--> cancelled
 --   queued --its target is deactivated--> failed (TARGET_INACTIVE)
---   running --lease expired (the worker vanished)--> queued, or failed when out of attempts
+--   running --lease expired (the worker vanished; its heartbeat renews the lease every
+--             lease/3)--> queued, or failed when out of attempts
 --   any but succeeded --a late success of an earlier attempt--> succeeded (it was delivered)
 --
 -- The plan's status is derived from its jobs by a trigger in the same transaction as the
@@ -49,7 +51,9 @@ CREATE TABLE IF NOT EXISTS distribution_targets (
     active             boolean NOT NULL DEFAULT true,
     suspended_until    timestamptz,
     created_at         timestamptz NOT NULL DEFAULT now(),
-    updated_at         timestamptz NOT NULL DEFAULT now()
+    updated_at         timestamptz NOT NULL DEFAULT now(),
+    -- The last back-off used for a 429 that named no time: doubles up to a cap, reset on success.
+    throttle_backoff_seconds  double precision
 );
 
 CREATE TABLE IF NOT EXISTS distribution_plans (
@@ -89,14 +93,37 @@ CREATE TABLE IF NOT EXISTS distribution_jobs (
     finished_at       timestamptz,
     -- Set by cancel_plan on a running job: its attempt may still succeed, but it is never retried.
     cancel_requested_at  timestamptz,
+    -- Attempts the channel throttled (429, or Retry-After on 503): they do not spend the budget,
+    -- which is attempt - throttles out of max_attempts.
+    throttles         integer NOT NULL DEFAULT 0 CHECK (throttles >= 0),
+    -- When the current run of throttled attempts began; past the limit the job fails.
+    throttled_since   timestamptz,
+    -- 1 for the jobs of a plan someone is waiting on (awaitDelivery): they are claimed first.
+    priority          smallint NOT NULL DEFAULT 0,
     -- A running job always has a lease; a finished one never does.
     CHECK ((status = 'running') = (lease_expires_at IS NOT NULL))
 );
 
--- Serves the claim query: only due, queued rows are in it, in the order they are claimed.
+-- Serve the claim: only queued rows are in them, in the order they are claimed (jobs someone
+-- waits on first, then the longest due); the second holds first attempts only, for the share
+-- of each claim reserved for fresh work.
 CREATE INDEX IF NOT EXISTS distribution_jobs_claim
-    ON distribution_jobs (next_attempt_at)
+    ON distribution_jobs (priority DESC, next_attempt_at)
     WHERE status = 'queued';
+CREATE INDEX IF NOT EXISTS distribution_jobs_claim_fresh
+    ON distribution_jobs (priority DESC, next_attempt_at)
+    WHERE status = 'queued' AND attempt = 0;
+
+-- Every running worker, for operators: a row is added when it starts, its heartbeat renews
+-- it, and a clean stop removes it. A killed worker's row ages out (PRUNE_WORKERS).
+CREATE TABLE IF NOT EXISTS workers (
+    name          text PRIMARY KEY,
+    host          text NOT NULL,
+    pid           integer NOT NULL,
+    concurrency   integer NOT NULL,
+    started_at    timestamptz NOT NULL DEFAULT now(),
+    heartbeat_at  timestamptz NOT NULL DEFAULT now()
+);
 
 -- Serves the rescue of attempts whose worker vanished (killed, or lost its database).
 CREATE INDEX IF NOT EXISTS distribution_jobs_leases
@@ -104,6 +131,14 @@ CREATE INDEX IF NOT EXISTS distribution_jobs_leases
     WHERE status = 'running';
 
 CREATE INDEX IF NOT EXISTS distribution_jobs_plan ON distribution_jobs (plan_id);
+
+-- The dead letters by target, for a redrive of one target's failed jobs.
+CREATE INDEX IF NOT EXISTS distribution_jobs_failed ON distribution_jobs (target_id) WHERE status = 'failed';
+
+-- Serves retention: finished jobs of one status, oldest first (wordclaw_mcp/retention.py).
+CREATE INDEX IF NOT EXISTS distribution_jobs_finished
+    ON distribution_jobs (status, finished_at)
+    WHERE finished_at IS NOT NULL;
 
 CREATE TABLE IF NOT EXISTS distribution_receipts (
     id             uuid PRIMARY KEY DEFAULT gen_random_uuid(),
@@ -133,6 +168,9 @@ CREATE TABLE IF NOT EXISTS distribution_events (
 );
 
 CREATE INDEX IF NOT EXISTS distribution_events_plan ON distribution_events (plan_id, id);
+
+-- Serves retention: events oldest first.
+CREATE INDEX IF NOT EXISTS distribution_events_created ON distribution_events (created_at);
 
 -- A plan's status from its jobs' statuses:
 --   some job not final:   'queued' while no job has been attempted, else 'running';
@@ -170,12 +208,19 @@ BEGIN
     WHERE n.status IS DISTINCT FROM o.status;
 
     INSERT INTO distribution_events (event_type, plan_id, job_id, payload)
-    SELECT 'distribution.job.' || n.status, n.plan_id, n.id,
+    SELECT CASE WHEN n.throttles > o.throttles THEN 'distribution.job.throttled'
+                ELSE 'distribution.job.' || n.status END,
+           n.plan_id, n.id,
            jsonb_build_object('jobId', n.id, 'planId', n.plan_id, 'targetId', n.target_id,
                               'status', n.status, 'attempt', n.attempt, 'lastError', n.last_error)
     FROM new_jobs n JOIN old_jobs o ON o.id = n.id
     WHERE n.status IS DISTINCT FROM o.status
        OR (n.status = 'queued' AND n.attempt IS DISTINCT FROM o.attempt);
+
+    -- Tells the worker holding a running job that its plan was cancelled (CANCEL_PLAN).
+    PERFORM pg_notify('wordclaw_cancel', n.id::text)
+    FROM new_jobs n JOIN old_jobs o ON o.id = n.id
+    WHERE n.status = 'running' AND n.cancel_requested_at IS NOT NULL AND o.cancel_requested_at IS NULL;
 
     IF touched IS NULL THEN
         RETURN NULL;

@@ -233,7 +233,12 @@ async def enqueue_wordclaw(runtime: Runtime, adapter: NoopAdapter, config: Confi
                     queries.INSERT_PLAN, content.id, content.version, runtime.settings.agent_id, options
                 )
                 await conn.execute(
-                    queries.INSERT_JOBS, plan["id"], runtime.settings.max_attempts, [target_id] * size, [payload] * size
+                    queries.INSERT_JOBS,
+                    plan["id"],
+                    runtime.settings.max_attempts,
+                    [target_id] * size,
+                    [payload] * size,
+                    0,
                 )
     return len(sizes), time.perf_counter() - started
 

@@ -9,28 +9,30 @@ import socket
 import traceback
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
 import anyio
 import asyncpg
 
-from wordclaw_mcp import queries, redaction
+from wordclaw_mcp import queries, redaction, retention
 from wordclaw_mcp.database import CONNECTION_ERRORS
 from wordclaw_mcp.errors import DistributionError
-from wordclaw_mcp.notifications import JOBS_CHANNEL
+from wordclaw_mcp.notifications import CANCEL_CHANNEL, JOBS_CHANNEL
 from wordclaw_mcp.runtime import Runtime
 
-from .adapters import DeliveryResult, DeliveryTarget
+from .adapters import DeliveryResult, DeliveryTarget, Progress, delivery_progress
 from .retry import retry_delay
 
 log = logging.getLogger(__name__)
 
 REDACTED = "[redacted]"
-# Leases are settings.lease_seconds long (far past a delivery's timeout), so checking for
-# expired ones every half minute finds a vanished worker's jobs soon enough.
-RESCUE_INTERVAL = 30.0
 RESCUE_BATCH = 100
+# A 429 that names no time suspends its target for a back-off doubling from 1 s up to this.
+MAX_THROTTLE_BACKOFF = 600.0
+# A worker whose heartbeat has been silent for this many leases is gone; its row is removed.
+SILENT_LEASES = 10
 # A job this worker cannot decrypt waits this long before any worker claims it again.
 RELEASE_DELAY = 60.0
 # Back-off after a database error: doubling from the poll interval up to this.
@@ -40,6 +42,8 @@ KEY_CHECK_SAMPLE = 100
 
 UNKNOWN_OUTCOME = "The worker holding this attempt stopped responding; its outcome is unknown."
 TARGET_INACTIVE = "TARGET_INACTIVE: the target was deactivated; this job will not be delivered."
+TARGET_GONE = "TARGET_GONE: the target answered 410 Gone and was deactivated; this job was not delivered."
+THROTTLED_TOO_LONG = "THROTTLED_TOO_LONG: the channel kept throttling this job past the limit; it was not delivered."
 INTERRUPTED = "The worker shut down before this attempt finished; its outcome is unknown."
 
 # Errors that say nothing about the batch being written: the database is restarting, failing
@@ -156,6 +160,12 @@ class Worker:
         self._outcomes: list[Outcome] = []
         self._outcome_added = anyio.Event()
         self._delivering = False
+        # The attempts this worker claimed and has not recorded, whose leases its heartbeat
+        # renews: job id -> attempt number.
+        self._held: dict[UUID, int] = {}
+        self._flushed = anyio.Event()
+        # The deliveries in flight, so that a cancelled plan can stop them.
+        self._cancellable: dict[UUID, anyio.CancelScope] = {}
 
     def stop(self) -> None:
         """Stop claiming; ``run`` returns once in-flight attempts finish or the grace runs out."""
@@ -192,14 +202,82 @@ class Worker:
     async def run(self) -> None:
         log.info("worker %s started (concurrency %d)", self.name, self.settings.worker_concurrency)
         self._delivering = True
-        async with anyio.create_task_group() as flusher:
-            flusher.start_soon(self._flush_outcomes)
+        try:
+            await self.heartbeat()
+        except Exception as exc:
+            await self._database_trouble(exc, "registering")
+        async with anyio.create_task_group() as background:
+            background.start_soon(self._flush_outcomes)
+            background.start_soon(self._beat)
+            background.start_soon(self._prune_periodically)
             try:
                 await self._claim_and_deliver()
             finally:
                 self._delivering = False
                 self._outcome_added.set()  # the flusher writes what is left, then returns
+            await self._flushed.wait()
+            background.cancel_scope.cancel()  # the heartbeat
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            try:
+                await self.pool.execute(queries.DEREGISTER_WORKER, self.name)
+            except Exception as exc:
+                log.warning("worker %s could not deregister (%s); its row ages out", self.name, exc)
         log.info("worker %s stopped", self.name)
+
+    @property
+    def heartbeat_interval(self) -> float:
+        return self.settings.lease_seconds / 3
+
+    @property
+    def rescue_interval(self) -> float:
+        # A vanished worker's job is claimed again within lease + this.
+        return max(0.5, min(5.0, self.settings.lease_seconds / 6))
+
+    async def heartbeat(self) -> set[UUID]:
+        """Renew this worker's row and the leases of the attempts it holds, in one statement.
+
+        Returns the attempts it turned out to have lost (their lease ran out and they were
+        rescued): it stops renewing them, and their late results cannot move their jobs.
+        """
+        held = dict(self._held)
+        rows = await self.pool.fetch(
+            queries.HEARTBEAT,
+            list(held),
+            list(held.values()),
+            self.name,
+            socket.gethostname(),
+            os.getpid(),
+            self.settings.worker_concurrency,
+            float(self.settings.lease_seconds),
+        )
+        # The fallback for a lost cancel notification.
+        for row in rows:
+            if row["cancel_requested"]:
+                self.cancel_in_flight(row["id"])
+        lost = set(held) - {row["id"] for row in rows}
+        for job_id in lost:
+            if self._held.get(job_id) == held[job_id]:
+                del self._held[job_id]
+        if lost:
+            log.warning("worker %s lost the lease of %d attempt(s); another worker may have them", self.name, len(lost))
+        return lost
+
+    async def _prune_periodically(self) -> None:
+        """Delete what retention no longer keeps. Every worker does it; SKIP LOCKED shares the work."""
+        while True:
+            try:
+                await retention.prune(self.pool, self.settings)
+            except Exception as exc:
+                await self._database_trouble(exc, "pruning old rows")
+            await anyio.sleep(self.settings.retention_interval)
+
+    async def _beat(self) -> None:
+        while True:
+            await anyio.sleep(self.heartbeat_interval)
+            try:
+                await self.heartbeat()
+            except Exception as exc:
+                await self._database_trouble(exc, "renewing leases")
 
     def _claim_size(self) -> int:
         """How many jobs to claim now: a real batch once half of one is free, never more than is free.
@@ -214,7 +292,11 @@ class Worker:
     async def _claim_and_deliver(self) -> None:
         next_rescue = 0.0
         backoff = Backoff(self.settings.poll_interval, MAX_BACKOFF)
-        with self.runtime.notifications.subscribe(JOBS_CHANNEL, lambda _payload: self._wake.set()):
+        notifications = self.runtime.notifications
+        with (
+            notifications.subscribe(JOBS_CHANNEL, lambda _payload: self._wake.set()),
+            notifications.subscribe(CANCEL_CHANNEL, self._on_cancel),
+        ):
             async with anyio.create_task_group() as deliveries:
                 while not self._stopping:
                     size = self._claim_size()
@@ -222,7 +304,7 @@ class Worker:
                     try:
                         if anyio.current_time() >= next_rescue:
                             await self.rescue()
-                            next_rescue = anyio.current_time() + RESCUE_INTERVAL
+                            next_rescue = anyio.current_time() + self.rescue_interval
                         claimed = await self.claim(size)
                     except Exception as exc:
                         await self._database_trouble(exc, "claiming jobs")
@@ -262,10 +344,13 @@ class Worker:
         if limit <= 0:
             return []
         rows = await self.pool.fetch(queries.CLAIM_JOBS, limit, float(self.settings.lease_seconds), self.name)
-        return [ClaimedJob.from_row(row) for row in rows]
+        jobs = [ClaimedJob.from_row(row) for row in rows]
+        self._held.update((job.id, job.attempt) for job in jobs)
+        return jobs
 
     async def rescue(self) -> int:
         """Requeue (or end) attempts whose lease ran out. Returns how many were rescued."""
+        await self.pool.execute(queries.PRUNE_WORKERS, float(self.settings.lease_seconds * SILENT_LEASES))
         rescued = await self.pool.fetch(queries.RESCUE_EXPIRED_LEASES, RESCUE_BATCH, UNKNOWN_OUTCOME, TARGET_INACTIVE)
         if rescued:
             log.warning("rescued %d attempt(s) whose worker stopped responding", len(rescued))
@@ -293,25 +378,55 @@ class Worker:
         self._outcomes.append(done)
         self._outcome_added.set()
 
-    def _released(self, count: int) -> None:
+    def _released(self, outcomes: list[Outcome]) -> None:
         # A slot frees when its outcome is written, not when the delivery returns: claims
         # cannot outrun the writes, and a crash leaves at most `concurrency` attempts unrecorded.
-        self._in_flight -= count
+        self._in_flight -= len(outcomes)
         if self._in_flight == 0:
             self._idle.set()
         self._wake.set()
 
     async def _process(self, job: ClaimedJob) -> None:
+        progress = delivery_progress.set(Progress.NOT_SENT)
         try:
-            done = await self.attempt(job)
+            with anyio.CancelScope() as scope:
+                self._cancellable[job.id] = scope
+                done = await self.attempt(job)
+            if scope.cancelled_caught:  # its plan was cancelled: cancel_in_flight()
+                error = f"Cancelled in flight: {delivery_progress.get().value}."
+                done = Outcome(job, DeliveryResult(succeeded=False, error=error), retry_delay=0.0)
         except anyio.get_cancelled_exc_class():
             interrupted = DeliveryResult(succeeded=False, retryable=True, error=INTERRUPTED)
             self._finished(Outcome(job, interrupted, retry_delay=0.0))
             raise
+        finally:
+            self._cancellable.pop(job.id, None)
+            delivery_progress.reset(progress)
         self._finished(done)
+
+    def cancel_in_flight(self, job_id: UUID) -> bool:
+        """Stop the delivery of a job whose plan was cancelled; it is recorded as cancelled."""
+        scope = self._cancellable.get(job_id)
+        if scope is None:
+            return False
+        log.info("worker %s: job %s was cancelled; stopping its delivery", self.name, job_id)
+        scope.cancel()
+        return True
+
+    def _on_cancel(self, payload: str) -> None:
+        try:
+            self.cancel_in_flight(UUID(payload))
+        except ValueError:
+            log.warning("ignoring a cancel notification with payload %r", payload)
 
     async def _flush_outcomes(self) -> None:
         """Write finished attempts until the worker stops and nothing is left to write."""
+        try:
+            await self._flush_until_stopped()
+        finally:
+            self._flushed.set()
+
+    async def _flush_until_stopped(self) -> None:
         backoff = Backoff(self.settings.poll_interval, MAX_BACKOFF)
         give_up_at: float | None = None
         while self._delivering or self._outcomes:
@@ -328,14 +443,14 @@ class Worker:
                         if anyio.current_time() >= give_up_at:
                             # The leases run out and rescue() requeues these attempts.
                             log.error("could not record %d attempt(s) before stopping (%s)", len(self._outcomes), exc)
-                            self._released(len(self._outcomes))
+                            self._released(self._outcomes)
                             self._outcomes = []
                             return
                     await self._database_trouble(exc, f"recording {len(batch)} attempt(s)")
                     await anyio.sleep(backoff.next())
                     continue
                 backoff.reset()
-                self._released(len(batch))
+                self._released(batch)
 
     async def _write(self, batch: list[Outcome]) -> None:
         """Record a batch; if it holds an outcome the database refuses, isolate that one.
@@ -433,13 +548,29 @@ class Worker:
     async def record_many(
         self, outcomes: Sequence[Outcome], *, conn: asyncpg.Connection | None = None
     ) -> dict[UUID, str]:
-        """Write receipts and move the jobs on, in one statement. Returns the new status by job id.
+        """Write receipts and move the jobs on. Returns the new status by job id.
 
-        Safe to repeat: an attempt already recorded keeps its first receipt and moves nothing.
+        One statement, or two in one transaction when the batch holds throttled attempts (their
+        targets are suspended first). Safe to repeat: an attempt already recorded keeps its
+        first receipt and moves nothing.
         """
         if not outcomes:
             return {}
-        rows = await (conn or self.pool).fetch(
+        if conn is not None:
+            statuses = await self._record(outcomes, conn)
+        elif any(o.result.throttled or o.result.target_gone for o in outcomes):
+            async with self.pool.acquire() as acquired, acquired.transaction():
+                statuses = await self._record(outcomes, acquired)
+        else:
+            statuses = await self._record(outcomes, self.pool)  # one statement: its own transaction
+        for o in outcomes:
+            if self._held.get(o.job.id) == o.job.attempt:
+                del self._held[o.job.id]  # recorded: no lease left to renew
+        return statuses
+
+    async def _record(self, outcomes: Sequence[Outcome], conn: asyncpg.Connection | asyncpg.Pool) -> dict[UUID, str]:
+        until = await self._throttle_targets([o for o in outcomes if o.result.throttled], conn)
+        rows = await conn.fetch(
             queries.RECORD_ATTEMPTS,
             [o.job.id for o in outcomes],
             [o.job.attempt for o in outcomes],
@@ -451,13 +582,40 @@ class Worker:
             [o.result.retryable for o in outcomes],
             [o.retry_delay for o in outcomes],
             [o.released for o in outcomes],
+            [until.get(o.job.target_id) if o.result.throttled else None for o in outcomes],
             TARGET_INACTIVE,
+            float(self.settings.max_throttled_seconds),
+            THROTTLED_TOO_LONG,
         )
         statuses = {row["id"]: row["status"] for row in rows}
+        if gone := {o.job.target_id for o in outcomes if o.result.target_gone}:
+            log.warning("target(s) %s answered 410 Gone; deactivating them", ", ".join(map(str, gone)))
+            await conn.execute(queries.DEACTIVATE_GONE_TARGETS, list(gone), TARGET_GONE)
         for o in outcomes:
             if not o.result.succeeded:
                 log.info("job %s attempt %d -> %s: %s", o.job.id, o.job.attempt, statuses.get(o.job.id), o.result.error)
         return statuses
+
+    async def _throttle_targets(
+        self, throttled: list[Outcome], conn: asyncpg.Connection | asyncpg.Pool
+    ) -> dict[UUID, datetime]:
+        """Suspend the targets that throttled these attempts; when each may be tried again."""
+        if not throttled:
+            return {}
+        now = datetime.now(UTC)
+        rows = await conn.fetch(
+            queries.THROTTLE_TARGETS,
+            [o.job.target_id for o in throttled],
+            [
+                max((o.result.throttled_until - now).total_seconds(), 0.0) if o.result.throttled_until else None
+                for o in throttled
+            ],
+            MAX_THROTTLE_BACKOFF,
+        )
+        until = {row["id"]: row["suspended_until"] for row in rows}
+        for target_id, when in until.items():
+            log.warning("target %s throttled deliveries; suspended until %s", target_id, when.isoformat())
+        return until
 
 
 def storable(value: Any) -> Any:

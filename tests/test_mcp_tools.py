@@ -28,6 +28,7 @@ TOOL_ARGUMENTS = {
     "get_plan": {"planId"},
     "cancel_plan": {"planId"},
     "get_receipts": {"planId"},
+    "retry_plan": {"planId", "jobIds"},
 }
 
 

@@ -7,6 +7,7 @@ import ipaddress
 import logging
 import sys
 from dataclasses import replace
+from uuid import UUID
 
 import anyio
 
@@ -35,6 +36,33 @@ async def upgrade(settings: Settings, *, force: bool = False) -> tuple[str, int]
             return url, await apply_schema(conn, force=force)
     finally:
         await pool.close()
+
+
+async def redrive(settings: Settings, *, plan: UUID | None, target: UUID | None, job: UUID | None) -> int:
+    from .runtime import Runtime
+    from .service import DistributionService
+
+    async with Runtime.open(settings) as runtime:
+        service = DistributionService(runtime)
+        return len(await service.redrive(job_ids=[job] if job else None, plan_id=plan, target_id=target))
+
+
+async def list_workers(settings: Settings) -> list[str]:
+    from .runtime import Runtime
+    from .service import DistributionService
+
+    async with Runtime.open(settings) as runtime:
+        workers = await DistributionService(runtime).list_workers()
+    if not workers:
+        return ["no worker is running"]
+    lines = ["name\thost\tpid\tconcurrency\tstarted\tlast heartbeat"]
+    for worker in workers:
+        started, beat = (
+            worker["started_at"].isoformat(timespec="seconds"),
+            worker["heartbeat_at"].isoformat(timespec="seconds"),
+        )
+        lines.append(f"{worker['name']}\t{worker['host']}\t{worker['pid']}\t{worker['concurrency']}\t{started}\t{beat}")
+    return lines
 
 
 def is_loopback_host(host: str) -> bool:
@@ -115,6 +143,26 @@ def main(argv: list[str] | None = None) -> int:
     upgrade_cmd.add_argument(
         "--force", action="store_true", help="apply schema.sql again even if the version matches (it is idempotent)"
     )
+    retention = commands.add_parser("retention", help="retention commands").add_subparsers(
+        dest="retention_command", required=True
+    )
+    prune_cmd = retention.add_parser(
+        "prune",
+        help="delete finished jobs with their receipts, the plans they leave empty, and events, "
+        "once older than the WORDCLAW_RETAIN_*_DAYS ages",
+    )
+    prune_cmd.add_argument(
+        "--batch-size", type=int, default=1000, help="rows each statement deletes at most (default 1000)"
+    )
+    jobs = commands.add_parser("jobs", help="job commands").add_subparsers(dest="jobs_command", required=True)
+    redrive_cmd = jobs.add_parser(
+        "redrive", help="drive failed jobs (the dead letters) again with a fresh attempt budget; receipts stay"
+    )
+    which = redrive_cmd.add_mutually_exclusive_group(required=True)
+    which.add_argument("--plan", type=UUID, help="every failed job of this plan")
+    which.add_argument("--target", type=UUID, help="every failed job of this target")
+    which.add_argument("--job", type=UUID, help="this job")
+    commands.add_parser("workers", help="list the running workers and their last heartbeat")
     commands.add_parser("demo", help="publish a content item to a local webhook through the MCP server")
     commands.add_parser("mcp", help="the MCP server (same as wordclaw-mcp)", add_help=False)
     commands.add_parser("worker", help="the worker daemon (same as wordclaw-worker)", add_help=False)
@@ -128,12 +176,28 @@ def main(argv: list[str] | None = None) -> int:
         return worker_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "retention" and args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
     configure_logging("WARNING")
     try:
         if args.command == "demo":
             from .demo import run_demo
 
             return anyio.run(run_demo)
+        if args.command == "jobs":
+            count = anyio.run(lambda: redrive(Settings.from_env(), plan=args.plan, target=args.target, job=args.job))
+            print(f"{count} failed job(s) queued again")
+            return 0
+        if args.command == "workers":
+            for line in anyio.run(lambda: list_workers(Settings.from_env())):
+                print(line)
+            return 0
+        if args.command == "retention":
+            from .retention import prune_once
+
+            report = anyio.run(lambda: prune_once(Settings.from_env(), batch_size=args.batch_size))
+            print(report.summary())
+            return 0
         _url, version = anyio.run(lambda: upgrade(Settings.from_env(), force=args.force))
         where = "embedded database" if Settings.from_env().embedded else "database"
         print(f"{where} is at schema version {version}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,9 @@ from .errors import DistributionError
 
 _TRUE = {"1", "true", "yes", "on"}
 
+# The longest retention age, in days (a century): anything longer is better said with 0, for ever.
+MAX_RETAIN_DAYS = 36500.0
+
 
 def _flag(name: str, default: bool = False) -> bool:
     value = os.environ.get(name)
@@ -19,8 +23,23 @@ def _flag(name: str, default: bool = False) -> bool:
 
 
 def _int(name: str, default: int) -> int:
+    return int(_number(name, default, int))
+
+
+def _float(name: str, default: float) -> float:
+    return float(_number(name, default, float))
+
+
+def _number(name: str, default: float, kind: type[int] | type[float]) -> float:
     value = os.environ.get(name)
-    return default if value is None or not value.strip() else int(value)
+    if value is None or not value.strip():
+        return default
+    try:
+        return kind(value)
+    except ValueError:
+        raise DistributionError(
+            "INVALID_SETTINGS", f"{name}={value!r} is not a number.", f"Set {name} to a number, or unset it."
+        ) from None
 
 
 def default_home() -> Path:
@@ -42,13 +61,25 @@ class Settings:
     worker_concurrency: int = 20
     worker_batch_size: int = 20
     poll_interval: float = 1.0
-    lease_seconds: int = 120
+    # A worker renews its attempts' leases every third of this; a vanished worker's attempts
+    # are claimed again soon after it runs out.
+    lease_seconds: float = 30.0
     delivery_timeout: float = 15.0
+    # A job the channel keeps throttling fails (THROTTLED_TOO_LONG) after this long.
+    max_throttled_seconds: float = 24 * 3600.0
     shutdown_grace: float = 20.0
     # Server-side limits on every pooled connection, so a stuck lock or a half-open
     # connection fails a statement instead of hanging a claim or a flush for ever.
     statement_timeout: float = 30.0
     lock_timeout: float = 10.0
+    # Retention (wordclaw_mcp/retention.py): days a finished row is kept; 0 or less keeps it for
+    # ever. Succeeded and cancelled jobs go after retain_succeeded_days, failed ones (the dead
+    # letters) after retain_failed_days, each with its receipts; events after retain_events_days.
+    retain_succeeded_days: float = 14.0
+    retain_failed_days: float = 30.0
+    retain_events_days: float = 14.0
+    # Seconds between a worker's pruning runs.
+    retention_interval: float = 3600.0
 
     def __post_init__(self) -> None:
         # A delivery that could outlast its lease would be rescued and sent a second time
@@ -66,6 +97,24 @@ class Settings:
                 "Worker concurrency and batch size must be at least 1.",
                 "Set WORDCLAW_WORKER_CONCURRENCY (or --concurrency) to 1 or more.",
             )
+        for variable, days in (
+            ("WORDCLAW_RETAIN_SUCCEEDED_DAYS", self.retain_succeeded_days),
+            ("WORDCLAW_RETAIN_FAILED_DAYS", self.retain_failed_days),
+            ("WORDCLAW_RETAIN_EVENTS_DAYS", self.retain_events_days),
+        ):
+            # Written so that NaN, which compares false with everything, is refused too.
+            if not days <= MAX_RETAIN_DAYS:
+                raise DistributionError(
+                    "INVALID_SETTINGS",
+                    f"{variable} ({days:g}) must be a number of days, at most {MAX_RETAIN_DAYS:g}.",
+                    f"Set {variable} to the days to keep them, or to 0 to keep them for ever.",
+                )
+        if not 0 < self.retention_interval < math.inf:
+            raise DistributionError(
+                "INVALID_SETTINGS",
+                f"The retention interval ({self.retention_interval:g} s) must be a positive number of seconds.",
+                "Give Settings a positive retention_interval.",
+            )
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -82,6 +131,12 @@ class Settings:
             agent_id=os.environ.get("WORDCLAW_AGENT_ID", "local-agent"),
             max_attempts=_int("WORDCLAW_MAX_ATTEMPTS", 8),
             worker_concurrency=_int("WORDCLAW_WORKER_CONCURRENCY", 20),
+            lease_seconds=_float("WORDCLAW_LEASE_SECONDS", 30.0),
+            delivery_timeout=_float("WORDCLAW_DELIVERY_TIMEOUT", 15.0),
+            max_throttled_seconds=_float("WORDCLAW_MAX_THROTTLED_HOURS", 24.0) * 3600,
+            retain_succeeded_days=_float("WORDCLAW_RETAIN_SUCCEEDED_DAYS", 14.0),
+            retain_failed_days=_float("WORDCLAW_RETAIN_FAILED_DAYS", 30.0),
+            retain_events_days=_float("WORDCLAW_RETAIN_EVENTS_DAYS", 14.0),
         )
 
     @property

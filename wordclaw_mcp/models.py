@@ -124,6 +124,12 @@ def _distinct(ids: list[UUID]) -> list[UUID]:
     return ids
 
 
+def _distinct_or_none(ids: list[UUID] | None) -> list[UUID] | None:
+    if ids is not None and len(set(ids)) != len(ids):
+        raise ValueError("names the same job more than once")
+    return ids
+
+
 class CreateDistributionPlanInput(InputModel):
     content_item_id: UUID
     target_ids: Annotated[list[UUID], Field(min_length=1, max_length=100), AfterValidator(_distinct)]
@@ -136,6 +142,13 @@ class CreateDistributionPlanInput(InputModel):
 
 class PlanRef(InputModel):
     plan_id: UUID
+
+
+class RetryPlanInput(InputModel):
+    plan_id: UUID
+    job_ids: Annotated[list[UUID] | None, Field(min_length=1, max_length=100), AfterValidator(_distinct_or_none)] = (
+        Field(None, description="The failed jobs to drive again; omit for every failed job of the plan.")
+    )
 
 
 class Job(ApiModel):

@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 
 PLANS_CHANNEL = "wordclaw_plans"  # payload: the plan id whose status changed
 JOBS_CHANNEL = "wordclaw_jobs"  # payload: empty; new jobs are queued
+CANCEL_CHANNEL = "wordclaw_cancel"  # payload: the id of a running job whose plan was cancelled
 
 RECONNECT_INTERVAL = 5.0  # seconds between attempts to re-establish a lost LISTEN connection
 
@@ -38,7 +39,7 @@ class Notifications:
 
     async def start(self) -> None:
         conn = await connect(self._url)
-        for channel in (PLANS_CHANNEL, JOBS_CHANNEL):
+        for channel in (PLANS_CHANNEL, JOBS_CHANNEL, CANCEL_CHANNEL):
             await conn.add_listener(channel, self._dispatch)
         self._conn = conn
 

@@ -85,9 +85,10 @@ RETURNING {_PLAN_COLUMNS}
 
 # One statement for the whole fan-out: the jobs arrive together or not at all, and the insert
 # trigger sends workers a single wake-up.
+# $5 is the jobs' priority: 1 for a plan someone is waiting on (awaitDelivery), else 0.
 INSERT_JOBS = """
-INSERT INTO distribution_jobs (plan_id, target_id, position, max_attempts, payload_snapshot)
-SELECT $1, target_id, position, $2, payload
+INSERT INTO distribution_jobs (plan_id, target_id, position, max_attempts, payload_snapshot, priority)
+SELECT $1, target_id, position, $2, payload, $5
 FROM unnest($3::uuid[], $4::jsonb[]) WITH ORDINALITY AS fanout (target_id, payload, position)
 """
 
@@ -136,12 +137,51 @@ SET cancel_requested_at = coalesce(cancel_requested_at, now())
 WHERE id = $1 AND (SELECT count(*) FROM jobs) >= 0
 """
 
+# Transition: failed -> queued, with a fresh attempt budget, for the failed jobs of a plan ($2),
+# of a target ($3), or listed by id ($1): the dead letters, driven again. Attempt numbers go
+# on from where they were, so every old receipt stays; the budget is what is added to
+# max_attempts ($4). Jobs of an inactive target are left failed: they could never be claimed.
+REDRIVE_JOBS = """
+UPDATE distribution_jobs j
+SET status = 'queued',
+    max_attempts = j.attempt - j.throttles + $4,
+    next_attempt_at = now(),
+    throttled_since = NULL,
+    finished_at = NULL,
+    updated_at = now()
+FROM distribution_targets t
+WHERE t.id = j.target_id AND t.active AND j.status = 'failed'
+  AND (j.id = ANY ($1::uuid[]) OR j.plan_id = $2 OR j.target_id = $3)
+RETURNING j.id
+"""
+
+GET_JOBS = """
+SELECT j.id, j.plan_id, j.status, j.target_id, t.active AS target_active
+FROM distribution_jobs j JOIN distribution_targets t ON t.id = j.target_id
+WHERE j.id = ANY ($1::uuid[])
+"""
+
 # --- worker -----------------------------------------------------------------------------------
 
-# Transition: queued -> running, for a batch. The inner SELECT walks the partial index
-# distribution_jobs_claim in next_attempt_at order; SKIP LOCKED lets workers claim side by side.
+# Transition: queued -> running, for a batch, in one statement. Jobs someone is waiting on
+# (priority 1) come first, then the longest due. Half of each claim is reserved for first
+# attempts, so a wave of retries never starves fresh work; the other half goes to whatever is
+# first in line. Each part walks a partial index in (priority, next_attempt_at) order
+# (distribution_jobs_claim_fresh, distribution_jobs_claim), and SKIP LOCKED lets workers claim
+# side by side.
 CLAIM_JOBS = """
-WITH due AS (
+WITH fresh AS (
+    SELECT j.id
+    FROM distribution_jobs j
+    JOIN distribution_targets t ON t.id = j.target_id
+    WHERE j.status = 'queued' AND j.attempt = 0
+      AND j.next_attempt_at <= now()
+      AND t.active
+      AND (t.suspended_until IS NULL OR t.suspended_until <= now())
+    ORDER BY j.priority DESC, j.next_attempt_at
+    LIMIT ($1 + 1) / 2
+    FOR UPDATE OF j SKIP LOCKED
+), rest AS (
     SELECT j.id
     FROM distribution_jobs j
     JOIN distribution_targets t ON t.id = j.target_id
@@ -149,8 +189,9 @@ WITH due AS (
       AND j.next_attempt_at <= now()
       AND t.active
       AND (t.suspended_until IS NULL OR t.suspended_until <= now())
-    ORDER BY j.next_attempt_at
-    LIMIT $1
+      AND j.id NOT IN (SELECT id FROM fresh)
+    ORDER BY j.priority DESC, j.next_attempt_at
+    LIMIT $1 - (SELECT count(*) FROM fresh)
     FOR UPDATE OF j SKIP LOCKED
 )
 UPDATE distribution_jobs j
@@ -159,7 +200,7 @@ SET status = 'running',
     lease_expires_at = now() + make_interval(secs => $2),
     locked_by = $3,
     updated_at = now()
-FROM due, distribution_targets t
+FROM (SELECT id FROM fresh UNION ALL SELECT id FROM rest) due, distribution_targets t
 WHERE j.id = due.id AND t.id = j.target_id
 RETURNING j.id, j.plan_id, j.target_id, j.attempt, j.max_attempts, j.payload_snapshot,
           t.name AS target_name, t.channel_type, t.config_json AS config, t.secret_ciphertext
@@ -172,14 +213,15 @@ RESCUE_EXPIRED_LEASES = """
 WITH lost AS (
     UPDATE distribution_jobs j
     SET status = CASE WHEN j.cancel_requested_at IS NOT NULL THEN 'cancelled'
-                      WHEN NOT t.active OR j.attempt >= j.max_attempts THEN 'failed'
+                      WHEN NOT t.active OR j.attempt - j.throttles >= j.max_attempts THEN 'failed'
                       ELSE 'queued' END,
         next_attempt_at = now(),
         lease_expires_at = NULL,
         locked_by = NULL,
         last_error = CASE WHEN t.active OR j.cancel_requested_at IS NOT NULL THEN $2
                           ELSE $3 END,
-        finished_at = CASE WHEN j.cancel_requested_at IS NULL AND t.active AND j.attempt < j.max_attempts
+        finished_at = CASE WHEN j.cancel_requested_at IS NULL AND t.active
+                                AND j.attempt - j.throttles < j.max_attempts
                            THEN NULL ELSE now() END,
         updated_at = now()
     FROM distribution_targets t
@@ -198,8 +240,9 @@ ON CONFLICT (job_id, attempt) DO NOTHING
 RETURNING job_id
 """
 
-# Transition: running -> succeeded | queued (retry) | failed | cancelled, with each attempt's
-# receipt, for a batch of attempts in one statement (one commit, one trigger firing per batch).
+# Transition: running -> succeeded | queued (retry or throttled) | failed | cancelled, with each
+# attempt's receipt, for a batch of attempts in one statement (one commit, one trigger firing
+# per batch).
 #
 # Safe to repeat: when a commit's acknowledgement is lost the worker writes the batch again,
 # and (job_id, attempt) is unique, so the first receipt stays and the guards below miss.
@@ -208,17 +251,23 @@ RETURNING job_id
 # the job succeeded, because the content really was delivered and must not be sent again.
 # A released attempt (this worker cannot decrypt the target's secrets) sent nothing: it is
 # requeued without counting and without a receipt, for a worker that holds the right key.
+# A throttled attempt is requeued for when its target's suspension ends (THROTTLE_TARGETS,
+# in the same transaction, set it) and does not spend the budget: attempt - throttles is what
+# counts against max_attempts. A job throttled for longer than the limit fails.
+# A success resets its target's 429 back-off.
 #
 # Parallel arrays: $1 job ids, $2 attempts, $3 succeeded, $4 external URLs, $5 status codes,
-# $6 errors, $7 raw metadata, $8 retryable, $9 retry delays in seconds, $10 released.
-# $11 is last_error for a job failed because its target was deactivated.
+# $6 errors, $7 raw metadata, $8 retryable, $9 retry delays in seconds, $10 released,
+# $11 throttled until (null: not throttled).
+# $12 is last_error for a job failed because its target was deactivated; $13 the longest a job
+# may stay throttled, in seconds; $14 last_error for a job throttled longer than that.
 RECORD_ATTEMPTS = """
 WITH outcome AS (
     SELECT *
     FROM unnest($1::uuid[], $2::int[], $3::bool[], $4::text[], $5::int[], $6::text[], $7::jsonb[],
-                $8::bool[], $9::float8[], $10::bool[])
+                $8::bool[], $9::float8[], $10::bool[], $11::timestamptz[])
         AS o (job_id, attempt, succeeded, external_url, status_code, error, raw_meta, retryable, delay,
-              released)
+              released, throttled_until)
 ), receipt AS (
     INSERT INTO distribution_receipts AS r
         (job_id, attempt, succeeded, external_url, status_code, error_message, raw_meta)
@@ -231,31 +280,49 @@ WITH outcome AS (
 ), locked AS (
     -- Locked, in id order, before deciding: the decision reads the job's current state
     -- (a cancel request may have just committed), and batches never deadlock each other.
-    SELECT o.*, j.status AS job_status, j.attempt AS job_attempt, j.max_attempts,
-           j.cancel_requested_at IS NOT NULL AS cancel_requested, t.active AS target_active
+    SELECT o.*, j.status AS job_status, j.attempt AS job_attempt, j.max_attempts, j.throttles,
+           j.throttled_since, j.cancel_requested_at IS NOT NULL AS cancel_requested, t.active AS target_active,
+           t.id AS target_id, t.throttle_backoff_seconds
     FROM outcome o
     JOIN distribution_jobs j ON j.id = o.job_id
     JOIN distribution_targets t ON t.id = j.target_id
     ORDER BY j.id
     FOR UPDATE OF j
 ), decided AS (
-    SELECT job_id, error, delay, released AND on_time AS released, on_time,
+    SELECT job_id, error, delay, released AND on_time AS released, on_time, throttled_until,
            CASE WHEN NOT on_time THEN CASE WHEN succeeded AND job_status <> 'succeeded' THEN 'succeeded' END
                 WHEN succeeded THEN 'succeeded'
                 WHEN cancel_requested THEN 'cancelled'
                 WHEN NOT target_active THEN 'failed'
                 WHEN released THEN 'queued'
-                WHEN retryable AND job_attempt < max_attempts THEN 'queued'
+                WHEN throttled_until IS NOT NULL THEN CASE WHEN too_long THEN 'failed' ELSE 'queued' END
+                WHEN retryable AND job_attempt - throttles < max_attempts THEN 'queued'
                 ELSE 'failed' END AS status,
-           on_time AND NOT succeeded AND NOT cancel_requested AND NOT target_active AS target_gone
-    FROM (SELECT *, job_status = 'running' AND job_attempt = attempt AS on_time FROM locked) l
+           CASE WHEN NOT on_time OR succeeded OR cancel_requested THEN NULL
+                WHEN NOT target_active THEN $12
+                WHEN throttled_until IS NOT NULL AND too_long THEN $14
+           END AS reason,
+           on_time AND throttled_until IS NOT NULL AND NOT succeeded AS throttled
+    FROM (
+        SELECT *, job_status = 'running' AND job_attempt = attempt AS on_time,
+               coalesce(throttled_since, now()) < now() - make_interval(secs => $13) AS too_long
+        FROM locked
+    ) l
+), backoff_reset AS (
+    UPDATE distribution_targets t
+    SET throttle_backoff_seconds = NULL
+    WHERE t.id IN (SELECT target_id FROM locked WHERE succeeded AND throttled_until IS NULL)
+      AND t.throttle_backoff_seconds IS NOT NULL
 )
 UPDATE distribution_jobs j
 SET status = d.status,
     attempt = CASE WHEN d.released THEN j.attempt - 1 ELSE j.attempt END,
-    next_attempt_at = CASE WHEN d.status = 'queued' THEN now() + make_interval(secs => d.delay)
-                           ELSE j.next_attempt_at END,
-    last_error = CASE WHEN d.target_gone THEN $11 WHEN d.on_time THEN d.error END,
+    throttles = CASE WHEN d.throttled AND d.status = 'queued' THEN j.throttles + 1 ELSE j.throttles END,
+    throttled_since = CASE WHEN d.throttled THEN coalesce(j.throttled_since, now()) END,
+    next_attempt_at = CASE WHEN d.status <> 'queued' THEN j.next_attempt_at
+                           WHEN d.throttled THEN d.throttled_until
+                           ELSE now() + make_interval(secs => d.delay) END,
+    last_error = CASE WHEN d.reason IS NOT NULL THEN d.reason WHEN d.on_time THEN d.error END,
     lease_expires_at = NULL,
     locked_by = NULL,
     finished_at = CASE WHEN d.status = 'queued' THEN NULL ELSE now() END,
@@ -265,10 +332,152 @@ WHERE j.id = d.job_id AND d.status IS NOT NULL
 RETURNING j.id, j.status
 """
 
+# Suspend the targets that throttled a batch of attempts, before RECORD_ATTEMPTS requeues their
+# jobs, in the same transaction. A named time (Retry-After, a rate-limit reset) is kept as
+# given; a 429 that names none doubles the target's back-off, from 1 s up to $3 seconds.
+# Returns when each target may be tried again. Parallel arrays: $1 target ids, $2 seconds
+# (null: back off).
+THROTTLE_TARGETS = """
+WITH asked AS (
+    SELECT target_id, max(seconds) AS seconds, bool_or(seconds IS NULL) AS back_off
+    FROM unnest($1::uuid[], $2::float8[]) AS a (target_id, seconds)
+    GROUP BY target_id
+), wait AS (
+    SELECT a.target_id, a.back_off,
+           least(coalesce(t.throttle_backoff_seconds * 2, 1), $3) AS backoff,
+           a.seconds
+    FROM asked a JOIN distribution_targets t ON t.id = a.target_id
+)
+UPDATE distribution_targets t
+SET throttle_backoff_seconds = CASE WHEN w.back_off THEN w.backoff ELSE t.throttle_backoff_seconds END,
+    suspended_until = greatest(
+        t.suspended_until,
+        now() + make_interval(secs => greatest(coalesce(w.seconds, 0), CASE WHEN w.back_off THEN w.backoff ELSE 0 END))
+    ),
+    updated_at = now()
+FROM wait w
+WHERE t.id = w.target_id
+RETURNING t.id, t.suspended_until
+"""
+
+# A target that answered 410 Gone is deactivated, and its queued jobs fail with TARGET_GONE
+# ($2) in the same statement (before the deactivation trigger would call them TARGET_INACTIVE).
+DEACTIVATE_GONE_TARGETS = """
+WITH gone AS (
+    UPDATE distribution_targets SET active = false, updated_at = now()
+    WHERE id = ANY ($1::uuid[]) AND active
+    RETURNING id
+)
+UPDATE distribution_jobs
+SET status = 'failed', last_error = $2, finished_at = now(), updated_at = now()
+WHERE target_id IN (SELECT id FROM gone) AND status = 'queued'
+"""
+
+# --- leases and workers -------------------------------------------------------------------------
+
+# A worker's heartbeat, one statement: its row in workers, and the leases of the attempts it
+# holds, given as parallel arrays of job ids ($1) and attempt numbers ($2). A lease it no
+# longer holds (rescued, and perhaps claimed by another worker) is not returned; one whose plan
+# was cancelled says so, in case the notification was lost.
+HEARTBEAT = """
+WITH me AS (
+    INSERT INTO workers (name, host, pid, concurrency)
+    VALUES ($3, $4, $5, $6)
+    ON CONFLICT (name) DO UPDATE SET heartbeat_at = now(), concurrency = excluded.concurrency
+)
+UPDATE distribution_jobs j
+SET lease_expires_at = now() + make_interval(secs => $7)
+FROM unnest($1::uuid[], $2::int[]) AS held (id, attempt)
+WHERE j.id = held.id AND j.attempt = held.attempt AND j.status = 'running' AND j.locked_by = $3
+RETURNING j.id, j.cancel_requested_at IS NOT NULL AS cancel_requested
+"""
+
+DEREGISTER_WORKER = "DELETE FROM workers WHERE name = $1"
+
+# Rows of workers that stopped without deregistering (killed): silent for $1 seconds.
+PRUNE_WORKERS = "DELETE FROM workers WHERE heartbeat_at < now() - make_interval(secs => $1)"
+
+LIST_WORKERS = """
+SELECT name, host, pid, concurrency, started_at, heartbeat_at FROM workers ORDER BY started_at, name
+"""
+
 # Whether this worker's keys can read what is stored: checked before a worker starts.
 TARGET_SECRETS = """
 SELECT id, name, secret_ciphertext FROM distribution_targets
 WHERE active AND secret_ciphertext IS NOT NULL
 ORDER BY created_at DESC
 LIMIT $1
+"""
+
+# --- retention --------------------------------------------------------------------------------
+#
+# Pruning in batches: each statement picks at most $limit rows in age order, skipping rows that
+# another transaction holds (SKIP LOCKED), so it never waits on a worker and holds its own locks
+# only for one short transaction. wordclaw_mcp/retention.py loops until a batch comes back short.
+# Ages are seconds, measured on the database's clock. The picked ids go to the DELETE as an array,
+# so it finds them by primary key whatever the planner guesses about the batch's size.
+
+# Finished jobs of one status whose finished_at is older than the age, with their receipts (ON
+# DELETE CASCADE), walking the partial index distribution_jobs_finished. Only jobs of final plans:
+# a plan's status is final exactly when none of its jobs is queued or running (the job trigger
+# keeps it so), and the plan row is locked with the job. The trigger locks the plan before it
+# recomputes the status, so a job that moves (a late success, a redrive) either waits for this
+# transaction or, having committed first, makes the plan non-final and its jobs are left alone.
+# Returns the jobs and receipts deleted and the plans they belonged to, for PRUNE_EMPTIED_PLANS
+# in the same transaction.
+PRUNE_FINISHED_JOBS = """
+WITH deleted AS (
+    DELETE FROM distribution_jobs
+    WHERE id = ANY (ARRAY(
+        SELECT j.id
+        FROM distribution_jobs j
+        JOIN distribution_plans p ON p.id = j.plan_id
+        WHERE j.status = $1
+          AND j.finished_at < now() - make_interval(secs => $2)
+          AND p.status NOT IN ('queued', 'running')
+        ORDER BY j.finished_at
+        LIMIT $3
+        FOR UPDATE OF j, p SKIP LOCKED
+    ))
+    RETURNING id, plan_id
+)
+SELECT count(*) AS jobs,
+       (SELECT count(*) FROM distribution_receipts WHERE job_id = ANY (ARRAY(SELECT id FROM deleted))) AS receipts,
+       coalesce(array_agg(DISTINCT plan_id), '{}') AS plan_ids
+FROM deleted
+"""
+
+# The plans PRUNE_FINISHED_JOBS just took jobs from ($1, already locked by this transaction) that
+# are final and have no job left. It runs as a second statement so that it sees the deletions.
+PRUNE_EMPTIED_PLANS = """
+WITH deleted AS (
+    DELETE FROM distribution_plans p
+    WHERE p.id = ANY ($1::uuid[])
+      AND p.status NOT IN ('queued', 'running')
+      AND NOT EXISTS (SELECT 1 FROM distribution_jobs j WHERE j.plan_id = p.id)
+    RETURNING p.id
+)
+SELECT count(*) FROM deleted
+"""
+
+# Outbox events older than the age, walking distribution_events_created, except those of a plan
+# that still has a queued or running job: a live plan keeps its whole history. The plan is looked
+# up by a scalar subquery, one primary-key probe per candidate, rather than joined, which would
+# let the planner scan every plan for the live ones. An event whose plan is gone has no plan row.
+PRUNE_EVENTS = """
+WITH deleted AS (
+    DELETE FROM distribution_events
+    WHERE id = ANY (ARRAY(
+        SELECT e.id
+        FROM distribution_events e
+        WHERE e.created_at < now() - make_interval(secs => $1)
+          AND coalesce((SELECT p.status FROM distribution_plans p WHERE p.id = e.plan_id), 'deleted')
+              NOT IN ('queued', 'running')
+        ORDER BY e.created_at
+        LIMIT $2
+        FOR UPDATE SKIP LOCKED
+    ))
+    RETURNING 1
+)
+SELECT count(*) FROM deleted
 """

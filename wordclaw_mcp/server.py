@@ -27,6 +27,7 @@ from .models import (
     PlanRef,
     ReceiptList,
     RegisterTargetInput,
+    RetryPlanInput,
     Target,
     TargetList,
     UpsertContentItemInput,
@@ -42,7 +43,7 @@ WordClaw Distribution publishes a content item once and fans it out to many chan
 2. register_target once per destination; list_targets shows what exists.
 3. create_distribution_plan queues one job per target. Set awaitDelivery to wait up to 10 s
    for the outcome, or dryRun to preview each target's payload without sending anything.
-4. get_plan, get_receipts and cancel_plan follow up.
+4. get_plan, get_receipts and cancel_plan follow up; retry_plan drives failed jobs again.
 Errors come back as {"error": {"code", "message", "remediation"}}; the code is stable.
 """
 
@@ -156,6 +157,13 @@ TOOLS: tuple[ToolSpec, ...] = (
         "if it delivered, and otherwise ends cancelled, never retried.",
     ),
     ToolSpec("get_receipts", PlanRef, ReceiptList, "Every attempt's receipt for a plan.", read_only=True),
+    ToolSpec(
+        "retry_plan",
+        RetryPlanInput,
+        Plan,
+        "Drive a plan's failed jobs again (all of them, or jobIds), each with a fresh attempt budget. "
+        "Earlier receipts are kept. Returns the plan.",
+    ),
 )
 
 

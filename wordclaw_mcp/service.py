@@ -20,6 +20,7 @@ from .models import (
     Receipt,
     ReceiptList,
     RegisterTargetInput,
+    RetryPlanInput,
     Target,
     TargetList,
     TransformPolicy,
@@ -158,6 +159,7 @@ class DistributionService:
                 self.settings.max_attempts,
                 [target.id for target in targets],
                 payloads,
+                1 if request.await_delivery else 0,  # someone waits: ahead of the backlog
             )
         if request.await_delivery:
             return await self.await_plan(plan_row["id"], AWAIT_DELIVERY_SECONDS)
@@ -170,6 +172,59 @@ class DistributionService:
         await self._require_plan(ref.plan_id)
         await self.pool.execute(queries.CANCEL_PLAN, ref.plan_id)
         return await self._plan(ref.plan_id)
+
+    async def retry_plan(self, request: RetryPlanInput) -> Plan:
+        """Drive a plan's failed jobs (all, or those listed) again, each with a fresh attempt budget."""
+        await self._require_plan(request.plan_id)
+        if request.job_ids is not None:
+            await self._check_retryable(request.plan_id, request.job_ids)
+            await self.redrive(job_ids=request.job_ids)
+        else:
+            await self.redrive(plan_id=request.plan_id)
+        return await self._plan(request.plan_id)
+
+    async def redrive(
+        self, *, job_ids: list[UUID] | None = None, plan_id: UUID | None = None, target_id: UUID | None = None
+    ) -> list[UUID]:
+        """Requeue failed jobs (by id, of a plan, or of a target) with a fresh budget; their ids.
+
+        Old receipts stay. Jobs of an inactive target stay failed: they could never be claimed.
+        """
+        rows = await self.pool.fetch(
+            queries.REDRIVE_JOBS, job_ids or [], plan_id, target_id, self.settings.max_attempts
+        )
+        return [row["id"] for row in rows]
+
+    async def list_workers(self) -> list[dict[str, Any]]:
+        """The workers that registered and have not stopped cleanly, with their last heartbeat."""
+        return [dict(row) for row in await self.pool.fetch(queries.LIST_WORKERS)]
+
+    async def _check_retryable(self, plan_id: UUID, job_ids: list[UUID]) -> None:
+        found = {row["id"]: row for row in await self.pool.fetch(queries.GET_JOBS, job_ids)}
+        missing = [str(job_id) for job_id in job_ids if job_id not in found or found[job_id]["plan_id"] != plan_id]
+        if missing:
+            raise errors.DistributionError(
+                "JOB_NOT_FOUND",
+                f"Plan {plan_id} has no job {missing[0]}.",
+                "Use job ids from get_plan for this plan, or omit jobIds to retry every failed job.",
+                missingJobIds=missing,
+            )
+        not_failed = {str(job_id): found[job_id]["status"] for job_id in job_ids if found[job_id]["status"] != "failed"}
+        if not_failed:
+            raise errors.DistributionError(
+                "JOB_NOT_FAILED",
+                f"Only failed jobs can be retried; {len(not_failed)} of those named are not failed.",
+                "Leave out jobs that are queued, running, succeeded or cancelled (get_plan shows each job's status).",
+                jobStatuses=not_failed,
+            )
+        inactive = [str(job_id) for job_id in job_ids if not found[job_id]["target_active"]]
+        if inactive:
+            raise errors.DistributionError(
+                "TARGET_INACTIVE",
+                f"Job {inactive[0]} delivers to a deactivated target, so it could never be claimed.",
+                "Leave it out, or register the destination again as a new target and create a new plan.",
+                inactiveJobIds=inactive,
+            )
 
     async def get_receipts(self, ref: PlanRef) -> ReceiptList:
         await self._require_plan(ref.plan_id)

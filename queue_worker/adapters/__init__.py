@@ -7,7 +7,16 @@ from importlib.metadata import entry_points
 
 from wordclaw_mcp.errors import DistributionError
 
-from .base import Adapter, AdapterOptions, DeliveryResult, DeliveryTarget, render_content, truncate
+from .base import (
+    Adapter,
+    AdapterOptions,
+    DeliveryResult,
+    DeliveryTarget,
+    Progress,
+    delivery_progress,
+    render_content,
+    truncate,
+)
 from .webhook import WebhookAdapter
 
 __all__ = [
@@ -16,8 +25,10 @@ __all__ = [
     "AdapterRegistry",
     "DeliveryResult",
     "DeliveryTarget",
+    "Progress",
     "WebhookAdapter",
     "adapter_classes",
+    "delivery_progress",
     "render_content",
     "truncate",
 ]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import enum
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, ClassVar
 from uuid import UUID
 
@@ -29,7 +32,13 @@ class DeliveryTarget:
 
 @dataclass(frozen=True)
 class DeliveryResult:
-    """One attempt's outcome. ``retryable`` failures are retried; others fail the job."""
+    """One attempt's outcome. ``retryable`` failures are retried; others fail the job.
+
+    ``throttled`` says the channel asked us to slow down (a 429, a Retry-After on a 503, or a
+    rate limit that ran out even on a success): the whole target is suspended until
+    ``throttled_until``, or for a growing back-off when the channel named no time, and a
+    throttled failure is tried again then without spending the job's attempt budget.
+    """
 
     succeeded: bool
     status_code: int | None = None
@@ -38,6 +47,10 @@ class DeliveryResult:
     retryable: bool = False
     retry_after: float | None = None
     raw_meta: dict[str, Any] = field(default_factory=dict)
+    throttled: bool = False
+    throttled_until: datetime | None = None
+    # The channel says the destination no longer exists (410 Gone): the target is deactivated.
+    target_gone: bool = False
 
 
 @dataclass(frozen=True)
@@ -48,6 +61,19 @@ class SealedConfig:
 
     config: dict[str, Any]
     secrets: dict[str, str] = field(default_factory=dict, repr=False)
+
+
+class Progress(enum.Enum):
+    """How far a delivery got, for the receipt of an attempt cancelled in flight."""
+
+    NOT_SENT = "the request had not been sent"
+    MAYBE_SENT = "the request may have been sent"
+    SENT = "the request had been sent"
+
+
+# Set by an adapter as its delivery goes out (MAYBE_SENT as it starts sending, SENT once the
+# channel answers); the worker reads it when it cancels the attempt.
+delivery_progress: ContextVar[Progress] = ContextVar("delivery_progress", default=Progress.NOT_SENT)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import anyio
@@ -26,7 +25,16 @@ from wordclaw_mcp import netguard, redaction
 from wordclaw_mcp.errors import DistributionError
 from wordclaw_mcp.models import ContentItem, TransformPolicy
 
-from .base import Adapter, DeliveryResult, DeliveryTarget, SealedConfig, render_content
+from . import ratelimit
+from .base import (
+    Adapter,
+    DeliveryResult,
+    DeliveryTarget,
+    Progress,
+    SealedConfig,
+    delivery_progress,
+    render_content,
+)
 
 USER_AGENT = "WordClaw-Distribution/0.1 (+webhook)"
 RESPONSE_BODY_LIMIT = 2048
@@ -222,12 +230,15 @@ class WebhookAdapter(Adapter):
                     extensions={"sni_hostname": pinned.sni_hostname},
                     timeout=timeout,
                 )
+                delivery_progress.set(Progress.MAYBE_SENT)
                 try:
                     response = await client.send(request, stream=True)
                 except httpx.ConnectError:
+                    delivery_progress.set(Progress.NOT_SENT)
                     if index == len(addresses) - 1:
                         raise
                     continue
+                delivery_progress.set(Progress.SENT)
                 try:
                     return Answer(
                         response.status_code, response.reason_phrase, response.headers, await _read_text(response)
@@ -282,32 +293,39 @@ def _outcome(answer: Answer, url: str, *, elapsed_ms: int) -> DeliveryResult:
         "elapsedMs": elapsed_ms,
         "responseHeaders": {
             name: answer.headers[name]
-            for name in ("content-type", "location", "retry-after", "x-request-id")
+            for name in (
+                "content-type",
+                "location",
+                "retry-after",
+                "x-request-id",
+                "x-ratelimit-limit",
+                "x-ratelimit-remaining",
+                "x-ratelimit-reset",
+            )
             if name in answer.headers
         },
         "responseBody": answer.body,
     }
     external_url = answer.headers.get("location") or redaction.public_url(url)
+    throttled, throttled_until = ratelimit.throttle(status, answer.headers)
     if 200 <= status < 300:
-        return DeliveryResult(succeeded=True, status_code=status, external_url=external_url, raw_meta=raw_meta)
+        return DeliveryResult(
+            succeeded=True,
+            status_code=status,
+            external_url=external_url,
+            raw_meta=raw_meta,
+            throttled=throttled,
+            throttled_until=throttled_until,
+        )
     return DeliveryResult(
         succeeded=False,
         status_code=status,
         external_url=external_url,
         error=f"The endpoint answered HTTP {status} {answer.reason_phrase}".rstrip() + ".",
         retryable=status >= 500 or status in RETRYABLE_STATUSES,
-        retry_after=_retry_after(answer.headers.get("retry-after")),
+        retry_after=ratelimit.retry_after(answer.headers.get("retry-after")),
         raw_meta=raw_meta,
+        throttled=throttled,
+        throttled_until=throttled_until,
+        target_gone=status == 410,
     )
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    if value.strip().isdigit():
-        return float(value.strip())
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max((when - datetime.now(UTC)).total_seconds(), 0.0)
