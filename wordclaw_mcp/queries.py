@@ -200,8 +200,10 @@ SET status = 'running',
     lease_expires_at = now() + make_interval(secs => $2),
     locked_by = $3,
     updated_at = now()
-FROM (SELECT id FROM fresh UNION ALL SELECT id FROM rest) due, distribution_targets t
-WHERE j.id = due.id AND t.id = j.target_id
+FROM distribution_targets t
+-- An array, not a join: the planner cannot size rest's computed LIMIT, and a join planned for
+-- its guess hashes the whole jobs table; ids in an array are fetched through the primary key.
+WHERE j.id = ANY (ARRAY(SELECT id FROM fresh UNION ALL SELECT id FROM rest)) AND t.id = j.target_id
 RETURNING j.id, j.plan_id, j.target_id, j.attempt, j.max_attempts, j.payload_snapshot,
           t.name AS target_name, t.channel_type, t.config_json AS config, t.secret_ciphertext
 """
