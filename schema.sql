@@ -53,7 +53,13 @@ CREATE TABLE IF NOT EXISTS distribution_targets (
     created_at         timestamptz NOT NULL DEFAULT now(),
     updated_at         timestamptz NOT NULL DEFAULT now(),
     -- The last back-off used for a 429 that named no time: doubles up to a cap, reset on success.
-    throttle_backoff_seconds  double precision
+    throttle_backoff_seconds  double precision,
+    -- Limits the claim enforces across every worker: attempts in flight at once, and a token
+    -- bucket of rate_per_minute tokens (a minute's worth), refilled continuously.
+    max_concurrency    integer CHECK (max_concurrency > 0),
+    rate_per_minute    double precision CHECK (rate_per_minute > 0),
+    rate_tokens        double precision,
+    rate_updated_at    timestamptz
 );
 
 CREATE TABLE IF NOT EXISTS distribution_plans (
@@ -131,6 +137,12 @@ CREATE INDEX IF NOT EXISTS distribution_jobs_leases
     WHERE status = 'running';
 
 CREATE INDEX IF NOT EXISTS distribution_jobs_plan ON distribution_jobs (plan_id);
+
+-- A limited target's queue and what it has in flight, for the claim's per-target limits.
+CREATE INDEX IF NOT EXISTS distribution_jobs_target_queue
+    ON distribution_jobs (target_id, priority DESC, next_attempt_at)
+    WHERE status = 'queued';
+CREATE INDEX IF NOT EXISTS distribution_jobs_running ON distribution_jobs (target_id) WHERE status = 'running';
 
 -- The dead letters by target, for a redrive of one target's failed jobs.
 CREATE INDEX IF NOT EXISTS distribution_jobs_failed ON distribution_jobs (target_id) WHERE status = 'failed';

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
@@ -22,7 +23,7 @@ from tests.helpers import call, eventually, publish
 from tests.test_processes import BIN, _final, external_database_env, worker_process
 from tests.test_worker import plan_of, running, tuned
 from wordclaw_mcp import queries
-from wordclaw_mcp.models import CreateDistributionPlanInput, PlanRef
+from wordclaw_mcp.models import CreateDistributionPlanInput, PlanRef, RegisterTargetInput, UpsertContentItemInput
 from wordclaw_mcp.receiver import WebhookReceiver
 from wordclaw_mcp.runtime import Runtime
 from wordclaw_mcp.service import DistributionService
@@ -362,3 +363,91 @@ async def test_a_lost_cancel_notification_is_made_up_for_by_the_heartbeat(
         gate.set()
     [receipt] = (await service.get_receipts(PlanRef(plan_id=plan.id))).receipts
     assert receipt.error_message.startswith("Cancelled in flight") and done.jobs[0].status == "cancelled"
+
+
+# --- per-target limits -------------------------------------------------------------------------
+
+
+async def limited_target(service: DistributionService, url: str, **limits: float) -> UUID:
+    target = await service.register_target(
+        RegisterTargetInput(
+            name=f"limited-{uuid.uuid4().hex[:6]}", channel_type="webhook", config={"url": url}, **limits
+        )
+    )
+    assert (target.max_concurrency, target.rate_per_minute) == (
+        limits.get("max_concurrency"),
+        limits.get("rate_per_minute"),
+    )
+    return target.id
+
+
+async def plan_for(service: DistributionService, target_id: UUID, db: asyncpg.Connection, jobs: int) -> UUID:
+    item = await service.upsert_content_item(UpsertContentItemInput(title="Limited", body="b"))
+    plan = await service.create_distribution_plan(
+        CreateDistributionPlanInput(content_item_id=item.id, target_ids=[target_id])
+    )
+    await queue_backlog(db, plan.id, target_id, jobs - 1)
+    return plan.id
+
+
+async def test_a_concurrency_limit_holds_across_workers_in_the_claim(
+    runtime: Runtime, service: DistributionService, receiver: WebhookReceiver, db: asyncpg.Connection
+) -> None:
+    target_id = await limited_target(service, receiver.url, max_concurrency=2)
+    await plan_for(service, target_id, db, 5)
+    first, second = Worker(runtime, name="first"), Worker(runtime, name="second")
+    claimed = await first.claim(10)
+    assert len(claimed) == 2
+    assert await second.claim(10) == [], "the room is taken, whoever asks"
+    await first.record(claimed[0], await first.deliver(claimed[0]))
+    assert len(await second.claim(10)) == 1
+
+
+async def test_a_concurrency_limit_of_one_is_never_exceeded_by_two_worker_daemons(
+    runtime: Runtime, service: DistributionService, db: asyncpg.Connection
+) -> None:
+    with WebhookReceiver() as receiver:
+        receiver.behaviour.delay = 0.05
+        target_id = await limited_target(service, receiver.url, max_concurrency=1)
+        plan_id = await plan_for(service, target_id, db, 12)
+        async with running(Worker(runtime, name="one")), running(Worker(runtime, name="two")):
+            done = await eventually(lambda: _final_plan(service, plan_id), within=30)
+    assert done.status == "succeeded" and len(receiver.requests) == 12
+    assert receiver.most_in_flight == 1
+
+
+async def _final_plan(service: DistributionService, plan_id: UUID):
+    plan = await plan_of(service, plan_id)
+    return plan if plan.status in {"succeeded", "partial", "failed", "cancelled"} else None
+
+
+async def test_a_rate_limit_holds_across_workers_in_the_claim(
+    runtime: Runtime, service: DistributionService, receiver: WebhookReceiver, db: asyncpg.Connection
+) -> None:
+    target_id = await limited_target(service, receiver.url, rate_per_minute=6)  # a token every 10 s
+    await plan_for(service, target_id, db, 20)
+    first, second = Worker(runtime, name="first"), Worker(runtime, name="second")
+    assert len(await first.claim(4)) == 4
+    assert len(await second.claim(10)) == 2, "the bucket holds a minute's worth: 6"
+    assert await first.claim(10) == [] and await second.claim(10) == []
+    # Ten seconds later one more token has come in.
+    await db.execute("UPDATE distribution_targets SET rate_updated_at = rate_updated_at - interval '10 seconds'")
+    assert len(await second.claim(10)) == 1
+    assert await first.claim(10) == []
+
+
+async def test_two_claims_at_the_same_moment_cannot_both_fill_a_limited_targets_room(
+    service: DistributionService, receiver: WebhookReceiver, db: asyncpg.Connection
+) -> None:
+    target_id = await limited_target(service, receiver.url, max_concurrency=1)
+    await plan_for(service, target_id, db, 3)
+    first, second = await service.pool.acquire(), await service.pool.acquire()
+    try:
+        async with first.transaction():
+            # The first claim has not committed, so its running job is invisible to the second.
+            assert len(await first.fetch(queries.CLAIM_JOBS, 10, 30.0, "first")) == 1
+            with anyio.fail_after(5):
+                assert await second.fetch(queries.CLAIM_JOBS, 10, 30.0, "second") == []
+    finally:
+        await service.pool.release(first)
+        await service.pool.release(second)

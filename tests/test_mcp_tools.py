@@ -22,7 +22,7 @@ pytestmark = pytest.mark.anyio
 
 TOOL_ARGUMENTS = {
     "upsert_content_item": {"id", "title", "body", "summary", "canonicalUrl", "metadata"},
-    "register_target": {"name", "channelType", "config", "secrets"},
+    "register_target": {"name", "channelType", "config", "secrets", "maxConcurrency", "ratePerMinute"},
     "list_targets": set(),
     "create_distribution_plan": {"contentItemId", "targetIds", "transformPolicy", "awaitDelivery", "dryRun"},
     "get_plan": {"planId"},

@@ -117,7 +117,9 @@ async def test_targets_stored_before_urls_were_sealed_are_listed_redacted_and_st
     token = random.token_urlsafe(24)
     full_path = f"/hooks/wordclaw?token={token}"
     # A row as register_target wrote it before: the whole URL in config_json, no secrets.
-    row = await db.fetchrow(queries.INSERT_TARGET, "legacy", "webhook", {"url": endpoint(receiver) + full_path}, None)
+    row = await db.fetchrow(
+        queries.INSERT_TARGET, "legacy", "webhook", {"url": endpoint(receiver) + full_path}, None, None, None
+    )
 
     listed = (await service.list_targets()).targets
     assert [target.config for target in listed] == [{"url": endpoint(receiver) + "/hooks/wordclaw?token=[redacted]"}]

@@ -91,6 +91,16 @@ class RegisterTargetInput(InputModel):
         description="Write-only credentials, stored encrypted and never returned. "
         'For a webhook: {"signingSecret": "whsec_…"} signs deliveries per Standard Webhooks.',
     )
+    max_concurrency: Annotated[int | None, Field(ge=1, le=10_000)] = Field(
+        None,
+        description="The most deliveries to this target in flight at once, across every worker. "
+        "Omit for the channel's default (none for webhooks).",
+    )
+    rate_per_minute: Annotated[float | None, Field(gt=0, le=1_000_000)] = Field(
+        None,
+        description="The most deliveries to this target per minute, across every worker (a token bucket "
+        "holding a minute's worth). Omit for the channel's default (none for webhooks).",
+    )
 
 
 class Target(ApiModel):
@@ -102,6 +112,8 @@ class Target(ApiModel):
     active: bool
     suspended_until: datetime | None
     created_at: datetime
+    max_concurrency: int | None = None
+    rate_per_minute: float | None = None
 
 
 class TargetList(ApiModel):

@@ -59,12 +59,12 @@ GET_CONTENT_ITEM = f"SELECT {_CONTENT_COLUMNS} FROM content_items WHERE id = $1"
 
 _TARGET_COLUMNS = """
     id, name, channel_type, config_json AS config, secret_ciphertext IS NOT NULL AS has_secrets,
-    active, suspended_until, created_at
+    active, suspended_until, created_at, max_concurrency, rate_per_minute
 """
 
 INSERT_TARGET = f"""
-INSERT INTO distribution_targets (name, channel_type, config_json, secret_ciphertext)
-VALUES ($1, $2, $3, $4)
+INSERT INTO distribution_targets (name, channel_type, config_json, secret_ciphertext, max_concurrency, rate_per_minute)
+VALUES ($1, $2, $3, $4, $5, $6)
 ON CONFLICT (name) DO NOTHING
 RETURNING {_TARGET_COLUMNS}
 """
@@ -163,14 +163,52 @@ WHERE j.id = ANY ($1::uuid[])
 
 # --- worker -----------------------------------------------------------------------------------
 
-# Transition: queued -> running, for a batch, in one statement. Jobs someone is waiting on
-# (priority 1) come first, then the longest due. Half of each claim is reserved for first
-# attempts, so a wave of retries never starves fresh work; the other half goes to whatever is
-# first in line. Each part walks a partial index in (priority, next_attempt_at) order
-# (distribution_jobs_claim_fresh, distribution_jobs_claim), and SKIP LOCKED lets workers claim
+# Transition: queued -> running, for a batch, in one statement. Targets with a limit
+# (max_concurrency, rate_per_minute) get only the room their limits leave, and spend tokens for
+# what starts; no worker sleeps for a limit: a job that may not start yet is not claimed. For
+# the others, jobs someone is waiting on (priority 1) come first, then the longest due; half of
+# each claim is reserved for first attempts, so a wave of retries never starves fresh work. Each
+# part walks a partial index in (priority, next_attempt_at) order (distribution_jobs_target_queue,
+# distribution_jobs_claim_fresh, distribution_jobs_claim), and SKIP LOCKED lets workers claim
 # side by side.
 CLAIM_JOBS = """
-WITH fresh AS (
+WITH limited AS (
+    -- Targets with a limit, locked for this claim so that two workers never both fill the same
+    -- room; one that another worker is claiming for is skipped this round. room is how many of
+    -- its jobs may start now: the free concurrency, and the whole tokens in its bucket.
+    SELECT t.id, b.tokens,
+           least(coalesce(t.max_concurrency - (SELECT count(*) FROM distribution_jobs r
+                                               WHERE r.target_id = t.id AND r.status = 'running'), $1),
+                 coalesce(floor(b.tokens), $1))::int AS room
+    FROM distribution_targets t
+    CROSS JOIN LATERAL (
+        SELECT least(t.rate_per_minute, coalesce(t.rate_tokens, t.rate_per_minute)
+                     + extract(epoch FROM now() - coalesce(t.rate_updated_at, now())) * t.rate_per_minute / 60)
+            AS tokens
+    ) b
+    WHERE (t.max_concurrency IS NOT NULL OR t.rate_per_minute IS NOT NULL)
+      AND t.active
+      AND (t.suspended_until IS NULL OR t.suspended_until <= now())
+    FOR UPDATE OF t SKIP LOCKED
+), limited_jobs AS (
+    SELECT x.id, l.id AS target_id
+    FROM limited l
+    CROSS JOIN LATERAL (
+        SELECT j.id
+        FROM distribution_jobs j
+        WHERE j.target_id = l.id AND j.status = 'queued' AND j.next_attempt_at <= now()
+        ORDER BY j.priority DESC, j.next_attempt_at
+        LIMIT greatest(l.room, 0)
+        FOR UPDATE OF j SKIP LOCKED
+    ) x
+    LIMIT $1
+), spent AS (
+    UPDATE distribution_targets t
+    SET rate_tokens = l.tokens - c.started, rate_updated_at = now()
+    FROM limited l
+    JOIN (SELECT target_id, count(*) AS started FROM limited_jobs GROUP BY target_id) c ON c.target_id = l.id
+    WHERE t.id = l.id AND t.rate_per_minute IS NOT NULL
+), fresh AS (
     SELECT j.id
     FROM distribution_jobs j
     JOIN distribution_targets t ON t.id = j.target_id
@@ -178,8 +216,9 @@ WITH fresh AS (
       AND j.next_attempt_at <= now()
       AND t.active
       AND (t.suspended_until IS NULL OR t.suspended_until <= now())
+      AND t.max_concurrency IS NULL AND t.rate_per_minute IS NULL
     ORDER BY j.priority DESC, j.next_attempt_at
-    LIMIT ($1 + 1) / 2
+    LIMIT ($1 - (SELECT count(*) FROM limited_jobs) + 1) / 2
     FOR UPDATE OF j SKIP LOCKED
 ), rest AS (
     SELECT j.id
@@ -189,9 +228,10 @@ WITH fresh AS (
       AND j.next_attempt_at <= now()
       AND t.active
       AND (t.suspended_until IS NULL OR t.suspended_until <= now())
+      AND t.max_concurrency IS NULL AND t.rate_per_minute IS NULL
       AND j.id NOT IN (SELECT id FROM fresh)
     ORDER BY j.priority DESC, j.next_attempt_at
-    LIMIT $1 - (SELECT count(*) FROM fresh)
+    LIMIT $1 - (SELECT count(*) FROM limited_jobs) - (SELECT count(*) FROM fresh)
     FOR UPDATE OF j SKIP LOCKED
 )
 UPDATE distribution_jobs j
@@ -201,9 +241,10 @@ SET status = 'running',
     locked_by = $3,
     updated_at = now()
 FROM distribution_targets t
--- An array, not a join: the planner cannot size rest's computed LIMIT, and a join planned for
+-- An array, not a join: the planner cannot size the computed LIMITs, and a join planned for
 -- its guess hashes the whole jobs table; ids in an array are fetched through the primary key.
-WHERE j.id = ANY (ARRAY(SELECT id FROM fresh UNION ALL SELECT id FROM rest)) AND t.id = j.target_id
+WHERE j.id = ANY (ARRAY(SELECT id FROM limited_jobs UNION ALL SELECT id FROM fresh UNION ALL SELECT id FROM rest))
+  AND t.id = j.target_id
 RETURNING j.id, j.plan_id, j.target_id, j.attempt, j.max_attempts, j.payload_snapshot,
           t.name AS target_name, t.channel_type, t.config_json AS config, t.secret_ciphertext
 """

@@ -44,6 +44,8 @@ class WebhookReceiver:
         self.requests: list[ReceivedRequest] = []
         self.answered = 0  # requests whose handling is over, answered in full or not
         self.body_bytes_sent = 0  # body bytes the clients' connections accepted
+        self.in_flight = 0  # requests being handled now
+        self.most_in_flight = 0  # the most ever handled at once, for tests of concurrency limits
         self._changed = threading.Condition()
         self._closing = threading.Event()
         receiver = self
@@ -53,6 +55,9 @@ class WebhookReceiver:
             protocol_version = "HTTP/1.1"
 
             def do_POST(self) -> None:
+                with receiver._changed:
+                    receiver.in_flight += 1
+                    receiver.most_in_flight = max(receiver.most_in_flight, receiver.in_flight)
                 try:
                     self._handle(receiver.behaviour)
                 except OSError:
@@ -60,6 +65,7 @@ class WebhookReceiver:
                 finally:
                     with receiver._changed:
                         receiver.answered += 1
+                        receiver.in_flight -= 1
                         receiver._changed.notify_all()
 
             def _handle(self, behaviour: Behaviour) -> None:

@@ -91,6 +91,8 @@ class DistributionService:
             request.channel_type,
             sealed.config,
             self.runtime.secrets.encrypt(secrets) if secrets else None,
+            request.max_concurrency or adapter.default_max_concurrency,
+            request.rate_per_minute or adapter.default_rate_per_minute,
         )
         if row is None:
             raise errors.DistributionError(

@@ -92,6 +92,9 @@ class Adapter(ABC):
     channel_type: ClassVar[str]
     config_model: ClassVar[type[BaseModel]]
     secrets_model: ClassVar[type[BaseModel] | None] = None
+    # A channel's own limits (its API's rate limit, say), used when a target names none.
+    default_max_concurrency: ClassVar[int | None] = None
+    default_rate_per_minute: ClassVar[float | None] = None
 
     def __init__(self, options: AdapterOptions | None = None) -> None:
         self.options = options or AdapterOptions()
