@@ -163,6 +163,7 @@ class Worker:
         # The attempts this worker claimed and has not recorded, whose leases its heartbeat
         # renews: job id -> attempt number.
         self._held: dict[UUID, int] = {}
+        self._missed: set[UUID] = set()  # held attempts the last renewal did not renew
         self._flushed = anyio.Event()
         # The deliveries in flight, so that a cancelled plan can stop them.
         self._cancellable: dict[UUID, anyio.CancelScope] = {}
@@ -237,7 +238,9 @@ class Worker:
         """Renew this worker's row and the leases of the attempts it holds, in one statement.
 
         Returns the attempts it turned out to have lost (their lease ran out and they were
-        rescued): it stops renewing them, and their late results cannot move their jobs.
+        rescued): it stops renewing them, and their late results cannot move their jobs. An
+        attempt is judged lost when two renewals in a row miss it: one renewal alone also misses
+        an attempt whose outcome is being written at that moment, which is not lost at all.
         """
         held = dict(self._held)
         rows = await self.pool.fetch(
@@ -254,10 +257,11 @@ class Worker:
         for row in rows:
             if row["cancel_requested"]:
                 self.cancel_in_flight(row["id"])
-        lost = set(held) - {row["id"] for row in rows}
+        renewed = {row["id"] for row in rows}
+        missed = {job_id for job_id in held if job_id not in renewed and self._held.get(job_id) == held[job_id]}
+        lost, self._missed = missed & self._missed, missed - self._missed
         for job_id in lost:
-            if self._held.get(job_id) == held[job_id]:
-                del self._held[job_id]
+            del self._held[job_id]
         if lost:
             log.warning("worker %s lost the lease of %d attempt(s); another worker may have them", self.name, len(lost))
         return lost
