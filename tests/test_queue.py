@@ -262,6 +262,9 @@ async def test_stopping_mid_delivery_records_the_interrupted_attempt_and_requeue
     assert (job.status, job.attempt) == ("queued", 1)
     receipt = (await service.get_receipts(PlanRef(plan_id=plan.id))).receipts[0]
     assert "shut down" in receipt.error_message
+    # Released, not left to its lease: another worker takes it at once.
+    [taken] = await Worker(service.runtime, name="another").claim(1)
+    assert (taken.id, taken.attempt) == (job.id, 2)
 
 
 async def test_secrets_are_encrypted_at_rest_and_redacted_from_receipts(
