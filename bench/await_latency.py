@@ -38,7 +38,6 @@ import json
 import math
 import os
 import platform
-import secrets
 import signal
 import socket
 import statistics
@@ -60,6 +59,7 @@ import httpx
 from anyio.abc import Process
 from cryptography.fernet import Fernet
 from mcp import Client, StdioServerParameters
+from scratch import scratch_database  # bench/scratch.py, beside this script
 
 from wordclaw_mcp import queries
 from wordclaw_mcp.database import connect
@@ -221,29 +221,6 @@ async def _end(process: Process, *, grace: float) -> None:
 
 
 # --- databases and processes ----------------------------------------------------------------
-
-
-@asynccontextmanager
-async def scratch_database(admin_url: str, prefix: str) -> AsyncIterator[str]:
-    """A new, empty database for one scenario; its URL. Dropped however the block ends."""
-    name = f"{prefix}_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(admin_url)
-    try:
-        await admin.execute(queries.create_database(name))
-        try:
-            yield _with_database(admin_url, name)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await admin.execute(queries.drop_database(name))
-    finally:
-        await admin.close()
-
-
-def _with_database(url: str, name: str) -> str:
-    base, _, query = url.partition("?")
-    scheme, _, rest = base.partition("://")
-    authority = rest.split("/", 1)[0]
-    return f"{scheme}://{authority}/{name}" + (f"?{query}" if query else "")
 
 
 def process_env(database_url: str, home: Path) -> dict[str, str]:

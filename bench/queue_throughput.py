@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import secrets
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -33,6 +32,7 @@ from cryptography.fernet import Fernet
 from pgqueuer import AsyncpgDriver, Job, Queries, QueueManager
 from pgqueuer.domain.types import QueueExecutionMode
 from pydantic import BaseModel
+from scratch import scratch_database  # bench/scratch.py, beside this script
 
 from queue_worker.adapters import Adapter, DeliveryResult, DeliveryTarget
 from queue_worker.worker import Worker
@@ -113,29 +113,6 @@ class Measurement:
 
 
 # --- databases ------------------------------------------------------------------------------
-
-
-@asynccontextmanager
-async def scratch_database(admin_url: str, prefix: str) -> AsyncIterator[str]:
-    """A new, empty database for one measurement; its URL. Dropped however the block ends."""
-    name = f"{prefix}_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(admin_url)
-    try:
-        await admin.execute(queries.create_database(name))
-        try:
-            yield _with_database(admin_url, name)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await admin.execute(queries.drop_database(name))
-    finally:
-        await admin.close()
-
-
-def _with_database(url: str, name: str) -> str:
-    base, _, query = url.partition("?")
-    scheme, _, rest = base.partition("://")
-    authority = rest.split("/", 1)[0]
-    return f"{scheme}://{authority}/{name}" + (f"?{query}" if query else "")
 
 
 @contextmanager
