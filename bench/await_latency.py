@@ -46,8 +46,8 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -59,7 +59,7 @@ import httpx
 from anyio.abc import Process
 from cryptography.fernet import Fernet
 from mcp import Client, StdioServerParameters
-from scratch import scratch_database  # bench/scratch.py, beside this script
+from scratch import BenchmarkFailed, deadline, scratch_database  # bench/scratch.py, beside this script
 
 from wordclaw_mcp import queries
 from wordclaw_mcp.database import connect
@@ -82,10 +82,6 @@ MODE_LABELS = {
     IN_SERVER: "--with-worker",
     SEPARATE: "--no-worker + wordclaw-worker",
 }
-
-
-class BenchmarkFailed(RuntimeError):
-    """The set-up did not work, so there is nothing to measure."""
 
 
 # --- figures --------------------------------------------------------------------------------
@@ -386,15 +382,6 @@ async def measure_floor(label: str, database_url: str, url: str, payload: dict[s
 
 
 # --- scenarios ------------------------------------------------------------------------------
-
-
-@contextmanager
-def deadline(seconds: float, what: str) -> Iterator[None]:
-    try:
-        with anyio.fail_after(seconds):
-            yield
-    except TimeoutError:
-        raise BenchmarkFailed(f"{what} did not finish within {seconds:g} s (raise --timeout?)") from None
 
 
 def _report_samples(trips: RoundTrips) -> None:

@@ -19,8 +19,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -32,7 +31,7 @@ from cryptography.fernet import Fernet
 from pgqueuer import AsyncpgDriver, Job, Queries, QueueManager
 from pgqueuer.domain.types import QueueExecutionMode
 from pydantic import BaseModel
-from scratch import scratch_database  # bench/scratch.py, beside this script
+from scratch import BenchmarkFailed, deadline, scratch_database  # bench/scratch.py, beside this script
 
 from queue_worker.adapters import Adapter, DeliveryResult, DeliveryTarget
 from queue_worker.worker import Worker
@@ -43,10 +42,6 @@ from wordclaw_mcp.runtime import Runtime
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 NOOP = "noop"
-
-
-class BenchmarkFailed(RuntimeError):
-    """A drain that did not end with every job done: its figure would be meaningless."""
 
 
 # --- the no-op channel ----------------------------------------------------------------------
@@ -113,16 +108,6 @@ class Measurement:
 
 
 # --- databases ------------------------------------------------------------------------------
-
-
-@contextmanager
-def deadline(seconds: float, what: str) -> Iterator[None]:
-    """``anyio.fail_after``, reported as a failed benchmark rather than a bare TimeoutError."""
-    try:
-        with anyio.fail_after(seconds):
-            yield
-    except TimeoutError:
-        raise BenchmarkFailed(f"{what} did not finish within {seconds:g} s (raise --timeout?)") from None
 
 
 async def drain_with_deadline(

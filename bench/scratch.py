@@ -1,15 +1,29 @@
-"""What the benchmarks share: a database of their own for each measurement."""
+"""What the benchmarks share: a database of their own for each measurement, and a deadline."""
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 import anyio
 import asyncpg
 
 from wordclaw_mcp import queries
+
+
+class BenchmarkFailed(RuntimeError):
+    """A run that did not end as it must: its figures would be meaningless."""
+
+
+@contextmanager
+def deadline(seconds: float, what: str) -> Iterator[None]:
+    """``anyio.fail_after``, reported as a failed benchmark rather than a bare TimeoutError."""
+    try:
+        with anyio.fail_after(seconds):
+            yield
+    except TimeoutError:
+        raise BenchmarkFailed(f"{what} did not finish within {seconds:g} s (raise --timeout?)") from None
 
 
 @asynccontextmanager

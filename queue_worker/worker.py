@@ -27,7 +27,6 @@ from .retry import retry_delay
 
 log = logging.getLogger(__name__)
 
-REDACTED = "[redacted]"
 RESCUE_BATCH = 100
 # A 429 that names no time suspends its target for a back-off doubling from 1 s up to this.
 MAX_THROTTLE_BACKOFF = 600.0
@@ -267,10 +266,14 @@ class Worker:
         return lost
 
     async def _prune_periodically(self) -> None:
-        """Delete what retention no longer keeps. Every worker does it; SKIP LOCKED shares the work."""
+        """Delete what retention no longer keeps, and the rows of workers long silent (killed).
+
+        Every worker does it; SKIP LOCKED shares the work.
+        """
         while True:
             try:
                 await retention.prune(self.pool, self.settings)
+                await self.pool.execute(queries.PRUNE_WORKERS, float(self.settings.lease_seconds * SILENT_LEASES))
             except Exception as exc:
                 await self._database_trouble(exc, "pruning old rows")
             await anyio.sleep(self.settings.retention_interval)
@@ -354,7 +357,6 @@ class Worker:
 
     async def rescue(self) -> int:
         """Requeue (or end) attempts whose lease ran out. Returns how many were rescued."""
-        await self.pool.execute(queries.PRUNE_WORKERS, float(self.settings.lease_seconds * SILENT_LEASES))
         rescued = await self.pool.fetch(queries.RESCUE_EXPIRED_LEASES, RESCUE_BATCH, UNKNOWN_OUTCOME, TARGET_INACTIVE)
         if rescued:
             log.warning("rescued %d attempt(s) whose worker stopped responding", len(rescued))
@@ -526,7 +528,7 @@ class Worker:
         except Exception as exc:
             # Exception texts can carry what an adapter was sending (h11 quotes a bad header's
             # value), so the traceback is scrubbed like a receipt before it is logged.
-            trace = scrub("".join(traceback.format_exception(exc)), secrets.values())
+            trace = redaction.scrub("".join(traceback.format_exception(exc)), secrets.values())
             log.error("adapter %s crashed on job %s:\n%s", job.channel_type, job.id, trace)
             result = DeliveryResult(
                 succeeded=False, retryable=True, error=f"The {job.channel_type} adapter failed: {type(exc).__name__}."
@@ -633,20 +635,11 @@ def storable(value: Any) -> Any:
     return value
 
 
-def scrub(value: Any, secrets: Iterable[str]) -> Any:
-    """``value`` (a string, or JSON-like data) with every secret, and every meaningful fragment of
-    one (see wordclaw_mcp.redaction.fragments), replaced by REDACTED."""
-    return redaction.scrub(value, secrets)
-
-
 def redact(result: DeliveryResult, secrets: Iterable[str]) -> DeliveryResult:
     """Blank any secret (or fragment of one) an adapter or a server echoed into what gets stored."""
     values = [secret for secret in secrets if secret]
     if not values:
         return result
-    return replace(
-        result,
-        error=scrub(result.error, values),
-        external_url=scrub(result.external_url, values),
-        raw_meta=scrub(result.raw_meta, values),
-    )
+    # One pass: the fragments of every secret are worked out once for all three fields.
+    error, external_url, raw_meta = redaction.scrub([result.error, result.external_url, result.raw_meta], values)
+    return replace(result, error=error, external_url=external_url, raw_meta=raw_meta)

@@ -11,7 +11,7 @@ import anyio
 import asyncpg
 import pytest
 
-from queue_worker.worker import REDACTED, Worker
+from queue_worker.worker import Worker
 from tests.helpers import (
     await_plan_around,
     database_name,
@@ -30,6 +30,7 @@ from wordclaw_mcp.models import (
     UpsertContentItemInput,
 )
 from wordclaw_mcp.receiver import WebhookReceiver
+from wordclaw_mcp.redaction import REDACTED
 from wordclaw_mcp.runtime import Runtime
 from wordclaw_mcp.service import DistributionService
 

@@ -12,12 +12,13 @@ import asyncpg
 import pytest
 
 from queue_worker.adapters import DeliveryResult, DeliveryTarget, WebhookAdapter
-from queue_worker.worker import Worker, redact, scrub
+from queue_worker.worker import Worker, redact
 from tests.helpers import new_signing_secret
 from wordclaw_mcp import cli, queries
 from wordclaw_mcp.errors import DistributionError
 from wordclaw_mcp.models import CreateDistributionPlanInput, PlanRef, RegisterTargetInput, UpsertContentItemInput
 from wordclaw_mcp.receiver import WebhookReceiver
+from wordclaw_mcp.redaction import scrub
 from wordclaw_mcp.service import DistributionService
 
 pytestmark = pytest.mark.anyio

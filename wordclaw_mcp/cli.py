@@ -57,11 +57,9 @@ async def list_workers(settings: Settings) -> list[str]:
         return ["no worker is running"]
     lines = ["name\thost\tpid\tconcurrency\tstarted\tlast heartbeat"]
     for worker in workers:
-        started, beat = (
-            worker["started_at"].isoformat(timespec="seconds"),
-            worker["heartbeat_at"].isoformat(timespec="seconds"),
-        )
-        lines.append(f"{worker['name']}\t{worker['host']}\t{worker['pid']}\t{worker['concurrency']}\t{started}\t{beat}")
+        fields = [worker["name"], worker["host"], worker["pid"], worker["concurrency"]]
+        fields += [worker[at].isoformat(timespec="seconds") for at in ("started_at", "heartbeat_at")]
+        lines.append("\t".join(map(str, fields)))
     return lines
 
 
