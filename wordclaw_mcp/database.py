@@ -178,13 +178,13 @@ def connection_options(
             "statement_timeout": _milliseconds(statement_timeout),
             "lock_timeout": _milliseconds(lock_timeout),
             "idle_in_transaction_session_timeout": _milliseconds(idle_in_transaction_timeout),
-            # asyncpg prepares every statement, and after five runs PostgreSQL may switch to a
-            # generic plan that assumes unnest() yields 10 rows. For RECORD_ATTEMPTS that plan
-            # drives the update from the running-leases index and rescans the batch per running
-            # job: quadratic, 8 s instead of 0.3 s for 5,000 outcomes. Our statements take arrays
-            # and limits whose real sizes the planner must see, and planning costs far less than
-            # the commit that follows.
-            "plan_cache_mode": "force_custom_plan",
+            # PostgreSQL's default, set so a server configured otherwise cannot change it. The
+            # worker runs a few statements thousands of times a minute, and planning them afresh
+            # each time cost a fifth of its database time at batch 10. A cached generic plan
+            # cannot see how long the arrays are or how big the limits, so each of those
+            # statements is written to reach jobs by id whatever plan is chosen; a test keeps
+            # their generic plans index-driven (test_schema.py).
+            "plan_cache_mode": "auto",
         },
     }
 
