@@ -8,6 +8,8 @@ database, cloned from a template that has schema.sql applied, so it starts clean
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack
@@ -52,7 +54,7 @@ def docker_engine_answers() -> bool:
 
 
 @pytest.fixture(scope="session")
-def postgres_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def postgres_server_url() -> Iterator[str]:
     """A maintenance URL on a PostgreSQL server this session may create databases on."""
     if url := os.environ.get("WORDCLAW_TEST_DATABASE_URL"):
         yield url
@@ -63,9 +65,15 @@ def postgres_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
         with PostgresContainer("postgres:16-alpine", driver=None) as container:
             yield container.get_connection_url()
         return
-    home = tmp_path_factory.mktemp("embedded")
+    # Not under pytest's basetemp: a second pytest session started meanwhile deletes all but the
+    # newest three of those, and with them this running server's data directory.
+    home = Path(tempfile.mkdtemp(prefix="wordclaw-test-pg-"))
     server = anyio.run(EmbeddedServer.start, home)
-    yield server.url("postgres")
+    try:
+        yield server.url("postgres")
+    finally:
+        server.handle.cleanup()
+        shutil.rmtree(home, ignore_errors=True)
 
 
 async def create_database(server_url: str, prefix: str, *, template: str | None = None) -> str:

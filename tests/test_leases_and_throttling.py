@@ -404,6 +404,52 @@ async def test_a_concurrency_limit_holds_across_workers_in_the_claim(
     assert len(await second.claim(10)) == 1
 
 
+async def test_the_claim_counts_running_jobs_in_a_snapshot_taken_after_it_locks_the_target(
+    runtime: Runtime, service: DistributionService, receiver: WebhookReceiver, db: asyncpg.Connection
+) -> None:
+    """A claim that began before another worker's claim committed, and locked the target after,
+    must see that worker's running job, or both fill a concurrency limit's last slot."""
+    target_id = await limited_target(service, receiver.url, max_concurrency=1)
+    await plan_for(service, target_id, db, 2)
+    assert "wordclaw_running_jobs(l.id)" in queries.CLAIM_JOBS
+    late = await service.pool.acquire()
+    await db.execute("SELECT pg_advisory_lock(6006)")
+    try:
+        # The statement's snapshot is taken when it starts; it then waits at the gate, as a
+        # claim waits its turn for the target.
+        counts = anyio.Event()
+        result: dict[str, int] = {}
+
+        async def count() -> None:
+            row = await late.fetchrow(
+                "SELECT (SELECT count(*) FROM distribution_jobs WHERE target_id = $1 AND status = 'running')"
+                " AS in_the_statements_snapshot, wordclaw_running_jobs($1) AS at_the_call"
+                " FROM (SELECT pg_advisory_xact_lock(6006)) AS gate",
+                target_id,
+            )
+            result.update(row)
+            counts.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(count)
+            late_pid = late.get_server_pid()
+            await eventually(lambda: _waiting_for_a_lock(db, late_pid), within=10)
+            # Meanwhile another worker claims a job and commits.
+            async with service.pool.acquire() as other:
+                assert len(await other.fetch(queries.CLAIM_JOBS, 10, 30.0, "other")) == 1
+            await db.execute("SELECT pg_advisory_unlock(6006)")  # opens the gate
+            with anyio.fail_after(10):
+                await counts.wait()
+    finally:
+        await db.execute("SELECT pg_advisory_unlock_all()")
+        await service.pool.release(late)
+    assert result == {"in_the_statements_snapshot": 0, "at_the_call": 1}
+
+
+async def _waiting_for_a_lock(db: asyncpg.Connection, pid: int) -> bool:
+    return await db.fetchval("SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", pid) is True
+
+
 async def test_a_concurrency_limit_of_one_is_never_exceeded_by_two_worker_daemons(
     runtime: Runtime, service: DistributionService, db: asyncpg.Connection
 ) -> None:

@@ -72,8 +72,6 @@ async def test_a_delivery_succeeds_rolls_the_plan_up_and_leaves_a_receipt(
     ]
     assert events == [
         "distribution.plan.created",
-        "distribution.job.running",
-        "distribution.plan.running",
         "distribution.job.succeeded",
         "distribution.plan.completed",
     ]

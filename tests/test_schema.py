@@ -27,6 +27,7 @@ import pytest
 
 from tests.conftest import create_database, drop_database, with_database
 from tests.helpers import database_name, eventually
+from tests.test_plan_rollup import DISAGREEMENTS
 from wordclaw_mcp import queries
 from wordclaw_mcp.config import Settings
 from wordclaw_mcp.database import (
@@ -899,6 +900,15 @@ async def test_an_upgrade_from_version_1_keeps_every_row(new_database: Callable[
         )
         added = [row for row in added if row["column_name"] not in layout[row["table_name"]][1]]
         assert added, "no migration added a column to a version-1 table"
+        # Except the plans' job counters, which 0006 filled from the jobs there were.
+        miscounted = [dict(row) for row in await upgraded.fetch(DISAGREEMENTS)]
+        assert not miscounted, f"0006 miscounted the jobs of these plans: {miscounted}"
+        assert await upgraded.fetchval("SELECT sum(succeeded_jobs + failed_jobs) FROM distribution_plans") > 0
+        added = [
+            row
+            for row in added
+            if not (row["table_name"] == "distribution_plans" and row["column_name"].endswith("_jobs"))
+        ]
         for table, column, default in added:
             differing = await upgraded.fetchval(
                 f"SELECT count(*) FROM {quoted(table)} WHERE {quoted(column)} IS DISTINCT FROM ({default or 'NULL'})"

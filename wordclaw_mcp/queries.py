@@ -172,24 +172,30 @@ WHERE j.id = ANY ($1::uuid[])
 # distribution_jobs_claim_fresh, distribution_jobs_claim), and SKIP LOCKED lets workers claim
 # side by side.
 CLAIM_JOBS = """
-WITH limited AS (
+WITH locked_targets AS (
     -- Targets with a limit, locked for this claim so that two workers never both fill the same
-    -- room; one that another worker is claiming for is skipped this round. room is how many of
-    -- its jobs may start now: the free concurrency, and the whole tokens in its bucket.
-    SELECT t.id, b.tokens,
-           least(coalesce(t.max_concurrency - (SELECT count(*) FROM distribution_jobs r
-                                               WHERE r.target_id = t.id AND r.status = 'running'), $1),
-                 coalesce(floor(b.tokens), $1))::int AS room
+    -- room; one that another worker is claiming for is skipped this round.
+    SELECT t.id, t.max_concurrency, t.rate_per_minute, t.rate_tokens, t.rate_updated_at
     FROM distribution_targets t
-    CROSS JOIN LATERAL (
-        SELECT least(t.rate_per_minute, coalesce(t.rate_tokens, t.rate_per_minute)
-                     + extract(epoch FROM now() - coalesce(t.rate_updated_at, now())) * t.rate_per_minute / 60)
-            AS tokens
-    ) b
     WHERE (t.max_concurrency IS NOT NULL OR t.rate_per_minute IS NOT NULL)
       AND t.active
       AND (t.suspended_until IS NULL OR t.suspended_until <= now())
     FOR UPDATE OF t SKIP LOCKED
+), limited AS (
+    -- room is how many of a target's jobs may start now: the free concurrency, and the whole
+    -- tokens in its bucket. Its running jobs are counted once the target is locked, in a
+    -- snapshot of their own (wordclaw_running_jobs): this statement's snapshot, older than the
+    -- lock, would miss the jobs another worker claimed and committed just before.
+    SELECT l.id, b.tokens,
+           least(CASE WHEN l.max_concurrency IS NULL THEN $1
+                      ELSE l.max_concurrency - wordclaw_running_jobs(l.id) END,
+                 coalesce(floor(b.tokens), $1))::int AS room
+    FROM locked_targets l
+    CROSS JOIN LATERAL (
+        SELECT least(l.rate_per_minute, coalesce(l.rate_tokens, l.rate_per_minute)
+                     + extract(epoch FROM now() - coalesce(l.rate_updated_at, now())) * l.rate_per_minute / 60)
+            AS tokens
+    ) b
 ), limited_jobs AS (
     SELECT x.id, l.id AS target_id
     FROM limited l

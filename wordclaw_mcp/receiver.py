@@ -21,6 +21,8 @@ class ReceivedRequest:
     path: str
     headers: dict[str, str]
     body: bytes
+    # The client's address and port: requests with the same one came over the same connection.
+    peer: tuple[str, int] | None = None
 
 
 @dataclass
@@ -44,8 +46,11 @@ class WebhookReceiver:
         self.requests: list[ReceivedRequest] = []
         self.answered = 0  # requests whose handling is over, answered in full or not
         self.body_bytes_sent = 0  # body bytes the clients' connections accepted
-        self.in_flight = 0  # requests being handled now
-        self.most_in_flight = 0  # the most ever handled at once, for tests of concurrency limits
+        # Requests received and not yet being answered, and the most ever at once, for tests of
+        # concurrency limits. A request stops counting when its answer starts: once the client has
+        # the answer it may send the next, before this thread gets round to counting it out.
+        self.in_flight = 0
+        self.most_in_flight = 0
         self._changed = threading.Condition()
         self._closing = threading.Event()
         receiver = self
@@ -58,20 +63,31 @@ class WebhookReceiver:
                 with receiver._changed:
                     receiver.in_flight += 1
                     receiver.most_in_flight = max(receiver.most_in_flight, receiver.in_flight)
+                self._counted = True
                 try:
                     self._handle(receiver.behaviour)
                 except OSError:
                     self.close_connection = True  # the client hung up, as tests of slow answers want
                 finally:
+                    self._answering()
                     with receiver._changed:
                         receiver.answered += 1
-                        receiver.in_flight -= 1
                         receiver._changed.notify_all()
+
+            def _answering(self) -> None:
+                if self._counted:
+                    self._counted = False
+                    with receiver._changed:
+                        receiver.in_flight -= 1
 
             def _handle(self, behaviour: Behaviour) -> None:
                 length = int(self.headers.get("content-length", 0))
                 request = ReceivedRequest(
-                    "POST", self.path, {k.lower(): v for k, v in self.headers.items()}, self.rfile.read(length)
+                    "POST",
+                    self.path,
+                    {k.lower(): v for k, v in self.headers.items()},
+                    self.rfile.read(length),
+                    tuple(self.client_address[:2]),
                 )
                 with receiver._changed:
                     receiver.requests.append(request)
@@ -85,6 +101,7 @@ class WebhookReceiver:
                 if behaviour.gate is not None:
                     while not (behaviour.gate.wait(0.05) or receiver._closing.is_set()):
                         pass
+                self._answering()
                 if behaviour.drip:
                     self._drip(behaviour)
                     return
