@@ -39,6 +39,13 @@ def test_settings_choose_the_embedded_database_when_no_url_is_set(monkeypatch: p
     assert Settings.from_env().worker_in_server
 
 
+def test_settings_read_the_workers_concurrency_and_batch_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORDCLAW_WORKER_CONCURRENCY", "64")
+    monkeypatch.setenv("WORDCLAW_WORKER_BATCH_SIZE", "32")
+    settings = Settings.from_env()
+    assert (settings.worker_concurrency, settings.worker_batch_size) == (64, 32)
+
+
 async def test_open_pool_verifies_the_schema_of_a_configured_database(empty_database_url: str, tmp_path: Path) -> None:
     pool, url = await open_pool(Settings(database_url=empty_database_url, home=tmp_path))
     try:

@@ -131,6 +131,7 @@ class Settings:
             agent_id=os.environ.get("WORDCLAW_AGENT_ID", "local-agent"),
             max_attempts=_int("WORDCLAW_MAX_ATTEMPTS", 8),
             worker_concurrency=_int("WORDCLAW_WORKER_CONCURRENCY", 20),
+            worker_batch_size=_int("WORDCLAW_WORKER_BATCH_SIZE", 20),
             lease_seconds=_float("WORDCLAW_LEASE_SECONDS", 30.0),
             delivery_timeout=_float("WORDCLAW_DELIVERY_TIMEOUT", 15.0),
             max_throttled_seconds=_float("WORDCLAW_MAX_THROTTLED_HOURS", 24.0) * 3600,
