@@ -4,20 +4,30 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import socket
 import ssl
+import threading
 import time
 import uuid
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 import anyio
-import httpx
 import pytest
 import trustme
 from standardwebhooks import Webhook
 
-from queue_worker.adapters import AdapterOptions, DeliveryTarget, WebhookAdapter, truncate
-from queue_worker.adapters.webhook import RESPONSE_BODY_LIMIT, HostPools
+from queue_worker.adapters import (
+    AdapterOptions,
+    AdapterRegistry,
+    DeliveryTarget,
+    Progress,
+    WebhookAdapter,
+    delivery_progress,
+    truncate,
+)
+from queue_worker.adapters.webhook import RESPONSE_BODY_LIMIT
+from queue_worker.http import CheckedResolver, DeadlineExceeded, HttpClient, TargetRefused
 from queue_worker.retry import SCHEDULE_SECONDS, retry_delay
 from tests.helpers import new_signing_secret
 from wordclaw_mcp import netguard
@@ -32,6 +42,30 @@ PAYLOAD = {"type": "content.distributed", "data": {"title": "Hello", "body": "ü
 
 def target(url: str, **secrets: str) -> DeliveryTarget:
     return DeliveryTarget(id=uuid.uuid4(), name="hook", config={"url": url}, secrets=secrets)
+
+
+def resolving_to(*addresses: str):
+    """A stand-in for netguard.resolve that answers every name with ``addresses``.
+
+    The tests need names (the resolver is only asked about names, and cookies and connection
+    pools are per name) that lead to their receivers on 127.0.0.1, and no DNS server here can
+    be told what to answer.
+    """
+
+    async def lookup(host: str, port: int) -> list[netguard.IPAddress]:
+        return [ipaddress.ip_address(address) for address in addresses]
+
+    return lookup
+
+
+def named(receiver: WebhookReceiver, hostname: str) -> str:
+    """The receiver's URL with ``hostname`` in place of its address."""
+    return receiver.url.replace("127.0.0.1", hostname)
+
+
+async def post_to(client: HttpClient, url: str) -> None:
+    answer = await client.request("POST", url, body=b"{}", timeout=10.0)
+    assert answer.status == 200
 
 
 @pytest.fixture
@@ -106,6 +140,43 @@ async def test_an_answer_that_trickles_in_is_cut_off_at_the_total_deadline(
     assert (result.succeeded, result.retryable) == (False, True)
     assert result.error == "The endpoint did not answer within 1 s."
     assert elapsed < 3.0  # the deadline plus slack for a loaded machine, far short of the drip
+
+
+async def test_the_deadline_covers_a_lookup_that_never_ends(receiver: WebhookReceiver) -> None:
+    never = anyio.Event()
+
+    async def lookup(host: str, port: int) -> list[netguard.IPAddress]:
+        await never.wait()  # a DNS server that never answers
+        raise AssertionError("unreachable")
+
+    adapter = WebhookAdapter(AdapterOptions(allow_private_targets=True, timeout=0.5))
+    adapter.http = HttpClient(allow_private=True, lookup=lookup)
+    started = time.monotonic()
+    try:
+        result = await adapter.deliver(PAYLOAD, target(named(receiver, "silent.example")), message_id="m")
+    finally:
+        await adapter.aclose()
+    assert (result.succeeded, result.retryable) == (False, True)
+    assert result.error == "The endpoint did not answer within 0.5 s."
+    assert time.monotonic() - started < 2.5
+
+
+async def test_the_deadline_covers_the_wait_for_a_connection(receiver: WebhookReceiver) -> None:
+    client = HttpClient(allow_private=True, limit_per_host=1)
+    receiver.behaviour.gate = gate = threading.Event()
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(post_to, client, receiver.url)  # holds the one connection until the gate opens
+            await anyio.to_thread.run_sync(receiver.wait_for, 1)
+            started = time.monotonic()
+            with pytest.raises(DeadlineExceeded):
+                await client.request("POST", receiver.url, body=b"{}", timeout=0.5)
+            assert time.monotonic() - started < 2.5
+            gate.set()
+    finally:
+        gate.set()
+        await client.aclose()
+    assert len(receiver.requests) == 1  # the second never got a connection, so was never sent
 
 
 async def test_a_huge_body_is_read_only_as_far_as_the_receipt_keeps(
@@ -203,17 +274,12 @@ async def test_pinning_rewrites_the_host_to_each_checked_address() -> None:
 async def test_an_address_that_refuses_the_connection_falls_back_to_the_next(
     adapter: WebhookAdapter, receiver: WebhookReceiver
 ) -> None:
-    closed = WebhookReceiver()
-    dead_url = closed.url
-    closed.close()
-    host = "hooks.example:1"
-    addresses = [
-        netguard.PinnedURL(url=dead_url, host_header=host, sni_hostname="hooks.example"),
-        netguard.PinnedURL(url=receiver.url, host_header=host, sni_hostname="hooks.example"),
-    ]
-    response = await adapter._post(addresses, b"{}", {"content-type": "application/json"})
-    assert response.status_code == 200
-    assert receiver.requests[0].headers["host"] == host
+    # Nothing listens on 127.0.0.2 (loopback too): it refuses the connection at once.
+    adapter.http = HttpClient(allow_private=True, lookup=resolving_to("127.0.0.2", "127.0.0.1"))
+    url = named(receiver, "hooks.example")
+    result = await adapter.deliver(PAYLOAD, target(url), message_id="m")
+    assert result.succeeded, result.error
+    assert receiver.requests[0].headers["host"] == urlsplit(url).netloc
 
 
 def tls_receiver(ca: trustme.CA, hostname: str) -> WebhookReceiver:
@@ -269,20 +335,315 @@ async def test_a_connection_verified_for_one_hostname_is_not_reused_for_another(
         assert [request.headers["webhook-id"] for request in receiver.requests] == ["m1"]
 
 
-async def test_connection_pools_per_hostname_are_bounded() -> None:
-    pools = HostPools(lambda: httpx.AsyncClient(trust_env=False), limit=2)
+async def test_a_silent_address_does_not_use_up_the_deadline_of_the_next(receiver: WebhookReceiver) -> None:
+    port = urlsplit(receiver.url).port
+    adapter = WebhookAdapter(AdapterOptions(allow_private_targets=True, timeout=2.0))
+    adapter.http = HttpClient(allow_private=True, lookup=resolving_to("127.0.0.3", "127.0.0.1"))
+    # A listener whose backlog is full answers no new connection at all: a silent address.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.3", port))
+        silent.listen(0)
+        with socket.create_connection(("127.0.0.3", port), timeout=2.0):
+            try:
+                # Tried one after the other, the first would hold the delivery to its deadline.
+                result = await adapter.deliver(PAYLOAD, target(named(receiver, "hooks.example")), message_id="m")
+            finally:
+                await adapter.aclose()
+    assert result.succeeded, result.error
+    assert len(receiver.requests) == 1
+
+
+# --- the HTTP layer (queue_worker/http.py) -----------------------------------------------------
+
+
+async def test_the_resolver_refuses_a_name_whose_answer_turns_private_after_passing() -> None:
+    # Stubbed: the point is a DNS answer that changes from one lookup to the next (rebinding),
+    # which no DNS server here can be told to do. The connector asks this resolver afresh for
+    # every connection it opens, and connects only to what it returns.
+    answers = [["93.184.215.14"], ["93.184.215.14", "10.0.0.1"]]
+
+    async def lookup(host: str, port: int) -> list[netguard.IPAddress]:
+        return [ipaddress.ip_address(address) for address in answers.pop(0)]
+
+    resolver = CheckedResolver(allow_private=False, lookup=lookup)
+    [first] = await resolver.resolve("rebind.example", 443, socket.AF_UNSPEC)
+    assert (first["hostname"], first["host"], first["port"]) == ("rebind.example", "93.184.215.14", 443)
+    with pytest.raises(DistributionError) as refused:
+        await resolver.resolve("rebind.example", 443, socket.AF_UNSPEC)
+    assert refused.value.code == "TARGET_ADDRESS_FORBIDDEN"
+    assert "10.0.0.1" in refused.value.message
+
+
+async def test_a_name_that_passed_at_registration_is_refused_when_it_resolves_to_loopback_at_delivery(
+    receiver: WebhookReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Stubbed DNS, for the reason above: registration's check sees a public address, then the
+    # delivery's connection is offered loopback, where the receiver stands for an internal service.
+    answers = [["93.184.215.14"], ["127.0.0.1"]]
+    lookups: list[str] = []
+
+    async def resolve(host: str, port: int) -> list[netguard.IPAddress]:
+        lookups.append(host)
+        return [ipaddress.ip_address(address) for address in answers.pop(0)]
+
+    monkeypatch.setattr(netguard, "resolve", resolve)
+    strict = WebhookAdapter(AdapterOptions(allow_private_targets=False, timeout=2.0))
+    url = named(receiver, "rebind.example")
     try:
-        async with pools.client("a.example") as a, pools.client("b.example") as b:
-            async with pools.client("A.example") as again:
-                assert again is a  # hostnames are case-insensitive
-        async with pools.client("b.example") as held:  # a.example is now the least recently used
-            async with pools.client("c.example"), pools.client("d.example"):
-                assert a.is_closed  # dropped at once: nobody was using it
-                assert not held.is_closed  # dropped, but in use: closed when let go
-            assert not held.is_closed
-        assert held.is_closed and b is held
+        await strict.check_target(WebhookAdapter.config_model(url=url))  # passes: the answer was public
+        result = await strict.deliver(PAYLOAD, target(url), message_id="m")
     finally:
-        await pools.aclose()
+        await strict.aclose()
+    assert (result.succeeded, result.retryable) == (False, False)
+    assert result.error.startswith("TARGET_ADDRESS_FORBIDDEN") and "127.0.0.1" in result.error
+    assert lookups == ["rebind.example", "rebind.example"]
+    assert receiver.requests == []
+
+
+async def test_a_name_that_does_not_resolve_is_a_retryable_failure(receiver: WebhookReceiver) -> None:
+    async def lookup(host: str, port: int) -> list[netguard.IPAddress]:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    adapter = WebhookAdapter(AdapterOptions(allow_private_targets=True, timeout=2.0))
+    adapter.http = HttpClient(allow_private=True, lookup=lookup)
+    try:
+        result = await adapter.deliver(PAYLOAD, target(named(receiver, "gone.example")), message_id="m")
+    finally:
+        await adapter.aclose()
+    assert (result.succeeded, result.retryable) == (False, True)
+    assert result.error == "TARGET_UNRESOLVABLE: The target host gone.example could not be resolved."
+    assert receiver.requests == []
+
+
+@pytest.mark.parametrize("host", ["127.1", "2130706433", "0177.0.0.1", "127.000.000.001"])
+async def test_addresses_in_legacy_forms_are_refused_even_where_private_targets_are_allowed(
+    adapter: WebhookAdapter, receiver: WebhookReceiver, host: str
+) -> None:
+    # The socket layer reads each as 127.0.0.1, and aiohttp would connect without a lookup.
+    result = await adapter.deliver(PAYLOAD, target(named(receiver, host)), message_id="m")
+    assert (result.succeeded, result.retryable) == (False, False)
+    assert result.error.startswith("INVALID_URL")
+    assert receiver.requests == []
+
+
+async def test_user_info_in_a_url_is_refused_and_not_echoed(adapter: WebhookAdapter, receiver: WebhookReceiver) -> None:
+    # Registration refuses it; a row stored before that rule, or a social adapter's URL, meets this.
+    url = receiver.url.replace("http://", "http://alice:s3cr3t-Passw0rd@")
+    result = await adapter.deliver(PAYLOAD, target(url), message_id="m")
+    assert (result.succeeded, result.retryable) == (False, False)
+    assert result.error.startswith("INVALID_URL")
+    assert "s3cr3t-Passw0rd" not in result.error and "alice" not in result.error
+    assert receiver.requests == []
+
+
+async def test_an_error_names_the_endpoint_without_its_credentials(adapter: WebhookAdapter) -> None:
+    closed = WebhookReceiver()
+    url = closed.url + "?token=tok-3f9a0c1e77b24d8a"
+    closed.close()  # nothing listens there any more
+    result = await adapter.deliver(PAYLOAD, target(url), message_id="m")
+    assert (result.succeeded, result.retryable) == (False, True)
+    assert result.error.startswith("ConnectError: Cannot connect to http://127.0.0.1:")
+    assert "tok-3f9a0c1e77b24d8a" not in result.error and "/hooks" not in result.error
+
+
+async def test_proxies_in_the_environment_are_not_used(
+    adapter: WebhookAdapter, receiver: WebhookReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with WebhookReceiver() as proxy:
+        proxy_url = proxy.url.removesuffix("/hooks/wordclaw")
+        for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+            monkeypatch.setenv(name, proxy_url)
+            monkeypatch.setenv(name.lower(), proxy_url)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        result = await adapter.deliver(PAYLOAD, target(receiver.url), message_id="m")
+        assert result.succeeded, result.error
+        assert len(receiver.requests) == 1
+        assert proxy.requests == []
+
+
+async def test_ssl_cert_file_is_not_trusted(ca: trustme.CA, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
+    monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path))
+    adapter = WebhookAdapter(AdapterOptions(allow_private_targets=True, timeout=5.0))  # no ca_bundle: certifi's
+    try:
+        with tls_receiver(ca, "localhost") as receiver:
+            result = await adapter.deliver(PAYLOAD, target(named(receiver, "localhost")), message_id="m")
+            assert not result.succeeded
+            assert "CERTIFICATE_VERIFY_FAILED" in result.error
+            assert receiver.requests == []
+    finally:
+        await adapter.aclose()
+
+
+async def test_the_answer_is_asked_for_uncompressed_and_cookies_are_not_kept(receiver: WebhookReceiver) -> None:
+    receiver.behaviour.headers = {"content-type": "application/json", "set-cookie": "session=abc123; Path=/"}
+    adapter = WebhookAdapter(AdapterOptions(allow_private_targets=True, timeout=2.0))
+    # A name, as a cookie jar keeps no cookies from a bare address.
+    adapter.http = HttpClient(allow_private=True, lookup=resolving_to("127.0.0.1"))
+    try:
+        for message_id in ("m1", "m2"):
+            result = await adapter.deliver(PAYLOAD, target(named(receiver, "cookies.example")), message_id=message_id)
+            assert result.succeeded, result.error
+    finally:
+        await adapter.aclose()
+    first, second = receiver.requests
+    assert first.headers["accept-encoding"] == "identity"
+    assert "cookie" not in second.headers
+
+
+async def test_delivery_progress_says_whether_the_request_went_out(
+    adapter: WebhookAdapter, receiver: WebhookReceiver
+) -> None:
+    closed = WebhookReceiver()
+    dead = closed.url
+    closed.close()
+    delivery_progress.set(Progress.NOT_SENT)
+    result = await adapter.deliver(PAYLOAD, target(dead), message_id="m")
+    assert "ConnectError" in result.error
+    assert delivery_progress.get() is Progress.NOT_SENT
+
+    assert (await adapter.deliver(PAYLOAD, target(receiver.url), message_id="m")).succeeded
+    assert delivery_progress.get() is Progress.SENT
+
+    # Cancelled, as the worker cancels a delivery, while the endpoint holds the request unanswered.
+    receiver.behaviour.gate = threading.Event()
+    try:
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+
+                async def cancel_once_received() -> None:
+                    await anyio.to_thread.run_sync(receiver.wait_for, 2)
+                    scope.cancel()
+
+                tg.start_soon(cancel_once_received)
+                await adapter.deliver(PAYLOAD, target(receiver.url), message_id="m")
+    finally:
+        receiver.behaviour.gate.set()
+    assert scope.cancelled_caught
+    assert delivery_progress.get() is Progress.MAYBE_SENT
+
+
+async def test_one_session_and_one_connection_carry_successive_deliveries(
+    adapter: WebhookAdapter, receiver: WebhookReceiver
+) -> None:
+    for message_id in ("m1", "m2", "m3"):
+        assert (await adapter.deliver(PAYLOAD, target(receiver.url), message_id=message_id)).succeeded
+        session = adapter.http._session
+        assert session is not None
+        if message_id == "m1":
+            first_session = session
+        assert session is first_session
+    assert len({request.peer for request in receiver.requests}) == 1  # the same TCP connection
+    await adapter.aclose()
+    assert first_session.closed
+
+
+async def test_every_new_connection_resolves_and_checks_the_name_afresh(receiver: WebhookReceiver) -> None:
+    # The endpoint closes each connection, so each delivery opens a new one; with a DNS cache
+    # the second would connect to the first answer without asking (and checking) again.
+    receiver.behaviour.headers = {"content-type": "application/json", "connection": "close"}
+    lookups: list[str] = []
+
+    async def lookup(host: str, port: int) -> list[netguard.IPAddress]:
+        lookups.append(host)
+        return [ipaddress.ip_address("127.0.0.1")]
+
+    client = HttpClient(allow_private=True, lookup=lookup)
+    try:
+        for _ in range(2):
+            await post_to(client, named(receiver, "fresh.example"))
+    finally:
+        await client.aclose()
+    assert lookups == ["fresh.example", "fresh.example"]
+    assert len({request.peer for request in receiver.requests}) == 2
+
+
+async def test_the_layer_sends_json_and_bounds_what_it_reads(receiver: WebhookReceiver) -> None:
+    client = HttpClient(allow_private=True)
+    receiver.behaviour.body = json.dumps({"id": "1", "text": "é" * 40}).encode()
+    try:
+        answer = await client.request(
+            "POST", receiver.url, json={"status": "ünï"}, headers={"authorization": "Bearer t0k"}, timeout=5.0
+        )
+        assert (answer.status, answer.reason, answer.truncated) == (200, "OK", False)
+        assert answer.json() == {"id": "1", "text": "é" * 40}
+        request = receiver.requests[0]
+        assert json.loads(request.body) == {"status": "ünï"}
+        assert (request.headers["content-type"], request.headers["authorization"]) == ("application/json", "Bearer t0k")
+
+        cut = await client.request("POST", receiver.url, body=b"{}", max_body=10, timeout=5.0)
+        assert (cut.text, cut.truncated) == ('{"id": "1"', True)
+        with pytest.raises(ValueError, match="not whole JSON"):
+            cut.json()
+
+        with pytest.raises(TargetRefused) as refused:
+            await client.request("GET", receiver.url.replace("http://", "ftp://"), timeout=5.0)
+        assert refused.value.code == "INVALID_URL"
+    finally:
+        await client.aclose()
+
+
+def test_the_registry_gives_every_adapter_the_one_http_client() -> None:
+    registry = AdapterRegistry(AdapterOptions(allow_private_targets=True))
+    assert registry.get("webhook").http is registry.http
+
+
+async def test_connections_to_one_host_are_limited_and_other_hosts_are_not_held_up() -> None:
+    client = HttpClient(allow_private=True, limit=10, limit_per_host=2, lookup=resolving_to("127.0.0.1"))
+    gate = threading.Event()
+    try:
+        with WebhookReceiver() as busy, WebhookReceiver() as free:
+            busy.behaviour.gate = gate
+            try:
+                async with anyio.create_task_group() as tg:
+                    for _ in range(5):
+                        tg.start_soon(post_to, client, named(busy, "busy.example"))
+                    await anyio.to_thread.run_sync(busy.wait_for, 2)
+                    # Two requests are held at busy.example; free.example is not kept waiting by them.
+                    await post_to(client, named(free, "free.example"))
+                    assert len(free.requests) == 1
+                    gate.set()
+            finally:
+                gate.set()
+            assert len(busy.requests) == 5
+            assert busy.most_in_flight == 2
+            assert len({request.peer for request in busy.requests}) == 2  # three waited for a connection
+    finally:
+        await client.aclose()
+
+
+async def test_connections_are_limited_in_all_across_hostnames(receiver: WebhookReceiver) -> None:
+    client = HttpClient(allow_private=True, limit=2, limit_per_host=2, lookup=resolving_to("127.0.0.1"))
+    receiver.behaviour.gate = gate = threading.Event()
+    try:
+        async with anyio.create_task_group() as tg:
+            for name in ("a.example", "b.example", "c.example", "d.example"):
+                tg.start_soon(post_to, client, named(receiver, name))
+            await anyio.to_thread.run_sync(receiver.wait_for, 2)
+            gate.set()
+    finally:
+        gate.set()
+        await client.aclose()
+    assert len(receiver.requests) == 4
+    assert receiver.most_in_flight == 2
+    # Each name had a connection of its own: none verified (or opened) for one name serves another.
+    assert len({request.peer for request in receiver.requests}) == 4
+
+
+async def test_idle_connections_are_kept_for_a_bounded_number_of_hosts(receiver: WebhookReceiver) -> None:
+    client = HttpClient(allow_private=True, idle_hosts=2, lookup=resolving_to("127.0.0.1"))
+    try:
+        for name in ("a.example", "b.example", "a.example", "c.example", "a.example", "b.example"):
+            await post_to(client, named(receiver, name))
+    finally:
+        await client.aclose()
+    a1, b1, a2, c1, a3, b2 = (request.peer for request in receiver.requests)
+    assert a1 == a2 == a3  # a.example was used most recently each time a third host came
+    assert b2 != b1  # b.example's idle connection was closed for c.example's
+    assert len({a1, b1, c1, b2}) == 4
 
 
 def content(body: str = "# Title\n\nA **bold** claim and more words here.") -> ContentItem:

@@ -1,7 +1,8 @@
 """Refuse target URLs that reach loopback, private or otherwise non-public addresses.
 
-Checked twice: when a target is registered (so a bad URL fails fast) and at delivery, where
-the checked address is the one connected to, so DNS cannot change between check and use.
+Checked twice: when a target is registered (so a bad URL fails fast), and at delivery by the
+worker's HTTP client (queue_worker/http.py), whose resolver hands its connections only addresses
+that ``check_address`` passed, so DNS cannot change between check and use.
 """
 
 from __future__ import annotations
@@ -90,6 +91,24 @@ def forbidden(host: str, address: IPAddress) -> DistributionError:
     )
 
 
+def unresolvable(host: str) -> DistributionError:
+    return DistributionError(
+        "TARGET_UNRESOLVABLE",
+        f"The target host {host} could not be resolved.",
+        "Check the hostname in the target's URL.",
+    )
+
+
+def check_address(host: str, address: IPAddress, *, allow_private: bool) -> None:
+    """Raise TARGET_ADDRESS_FORBIDDEN unless a request for ``host`` may go to ``address``.
+
+    The one rule for every resolved address, wherever it is checked: at registration and in
+    the worker's resolver.
+    """
+    if not allow_private and not is_public(address):
+        raise forbidden(host, address)
+
+
 @dataclass(frozen=True)
 class PinnedURL:
     """A URL rewritten to a checked address, with what TLS and HTTP need to reach the name."""
@@ -122,16 +141,10 @@ async def check_url(url: str, *, allow_private: bool, must_resolve: bool = False
         addresses = await resolve(host, port)
     except OSError as exc:
         if must_resolve:
-            raise DistributionError(
-                "TARGET_UNRESOLVABLE",
-                f"The target host {host} could not be resolved.",
-                "Check the hostname in the target's URL.",
-            ) from exc
+            raise unresolvable(host) from exc
         return []
-    if not allow_private:
-        for address in addresses:
-            if not is_public(address):
-                raise forbidden(host, address)
+    for address in addresses:
+        check_address(host, address, allow_private=allow_private)
     host_header = parts.netloc.rpartition("@")[2]
     pinned = []
     for address in dict.fromkeys(addresses):  # getaddrinfo repeats an address per socket type

@@ -55,7 +55,13 @@ class AdapterRegistry:
     """One instance of each adapter, shared by the plans service and the worker."""
 
     def __init__(self, options: AdapterOptions | None = None) -> None:
+        options = options or AdapterOptions()
+        # One HTTP client for every channel, so the process has one connection pool and one
+        # limit on connections, whatever the channels.
+        self.http = options.http_client()
         self._adapters = {name: cls(options) for name, cls in adapter_classes().items()}
+        for adapter in self._adapters.values():
+            adapter.http = self.http
 
     def register(self, adapter: Adapter) -> None:
         """Add or replace the adapter for its channel type (for embedding and benchmarks)."""
@@ -79,3 +85,4 @@ class AdapterRegistry:
     async def aclose(self) -> None:
         for adapter in self._adapters.values():
             await adapter.aclose()
+        await self.http.aclose()

@@ -14,6 +14,7 @@ from uuid import UUID
 from markdown_it import MarkdownIt
 from pydantic import BaseModel
 
+from queue_worker.http import DEFAULT_LIMIT, DEFAULT_LIMIT_PER_HOST, HttpClient
 from wordclaw_mcp.models import ContentItem, TransformPolicy
 
 _markdown = MarkdownIt("commonmark")
@@ -72,7 +73,8 @@ class Progress(enum.Enum):
 
 
 # Set by an adapter as its delivery goes out (MAYBE_SENT as it starts sending, SENT once the
-# channel answers); the worker reads it when it cancels the attempt.
+# channel answers, NOT_SENT again if no connection could be made); the worker reads it when it
+# cancels the attempt.
 delivery_progress: ContextVar[Progress] = ContextVar("delivery_progress", default=Progress.NOT_SENT)
 
 
@@ -81,6 +83,17 @@ class AdapterOptions:
     allow_private_targets: bool = False
     timeout: float = 15.0  # seconds for a whole delivery: connect, send, response headers and body
     ca_bundle: str | None = None  # PEM file of CAs to trust instead of the certifi bundle
+    # Connections the process's HTTP client keeps open at once, in all and to one host.
+    max_connections: int = DEFAULT_LIMIT
+    max_connections_per_host: int = DEFAULT_LIMIT_PER_HOST
+
+    def http_client(self) -> HttpClient:
+        return HttpClient(
+            allow_private=self.allow_private_targets,
+            ca_bundle=self.ca_bundle,
+            limit=self.max_connections,
+            limit_per_host=self.max_connections_per_host,
+        )
 
 
 class Adapter(ABC):
@@ -96,8 +109,23 @@ class Adapter(ABC):
     default_max_concurrency: ClassVar[int | None] = None
     default_rate_per_minute: ClassVar[float | None] = None
 
+    # A class default, so that subclasses that never call Adapter.__init__ still work.
+    _http: HttpClient | None = None
+
     def __init__(self, options: AdapterOptions | None = None) -> None:
         self.options = options or AdapterOptions()
+
+    @property
+    def http(self) -> HttpClient:
+        """The HTTP client for channels that speak HTTP: the registry gives every adapter the same
+        one, so the process has one connection pool; an adapter on its own makes its own."""
+        if self._http is None:
+            self._http = self.options.http_client()
+        return self._http
+
+    @http.setter
+    def http(self, client: HttpClient) -> None:
+        self._http = client
 
     async def check_target(self, config: BaseModel) -> None:  # noqa: B027 - optional hook
         """Refuse a target at registration, beyond what ``config_model`` validates."""
@@ -125,8 +153,10 @@ class Adapter(ABC):
         an idempotency key can use it; called without one, a fresh id is used.
         """
 
-    async def aclose(self) -> None:  # noqa: B027 - optional hook
-        """Release connections."""
+    async def aclose(self) -> None:
+        """Release connections. Subclasses that override it call it too."""
+        if self._http is not None:
+            await self._http.aclose()
 
 
 def render_body(content: ContentItem, policy: TransformPolicy) -> str:
