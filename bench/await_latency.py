@@ -19,7 +19,7 @@ Each runs with the worker inside the server (``--with-worker``) and with a separ
 ``wordclaw-worker`` process beside ``wordclaw-mcp --no-worker`` (``--modes``).
 
 The floor, in the same run and against the same fast receiver: one INSERT, one POST with an
-``httpx.AsyncClient`` (the worker's HTTP client) and one UPDATE, on a small table of the
+``queue_worker.http.HttpClient`` (the worker's HTTP layer) and one UPDATE, on a small table of the
 scenario's database, on the idle queue and again while the backlog drains.
 
 Receivers are small uvicorn apps in child processes on 127.0.0.1. ``WebhookReceiver`` (the
@@ -33,20 +33,18 @@ Needs a PostgreSQL server it may create databases on, and uvicorn in the environ
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import math
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -55,19 +53,19 @@ from typing import Any
 
 import anyio
 import asyncpg
-import httpx
 from anyio.abc import Process
 from cryptography.fernet import Fernet
 from mcp import Client, StdioServerParameters
+from receivers import end_process, receiver_process  # bench/receivers.py, beside this script
 from scratch import BenchmarkFailed, deadline, scratch_database  # bench/scratch.py, beside this script
 
+from queue_worker.adapters import AdapterOptions
 from wordclaw_mcp import queries
 from wordclaw_mcp.database import connect
 from wordclaw_mcp.models import TransformPolicy
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 BIN = Path(sys.executable).parent
-SCRIPT = str(Path(__file__).resolve())
 # Where the measured code is imported from (the spawned commands import it from the same place).
 CODE = Path(queries.__file__).resolve().parent.parent
 # Jobs per plan when enqueueing the backlog, as in bench/queue_throughput.py.
@@ -136,86 +134,6 @@ class Results:
     floors: list[Floor] = field(default_factory=list)
 
 
-# --- receivers ------------------------------------------------------------------------------
-
-
-def receiver_app(delay: float) -> Callable[..., Awaitable[None]]:
-    """An ASGI app that reads the request and answers 200 ``{"ok":true}``, after ``delay`` seconds."""
-    body = b'{"ok":true}'
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-
-    async def app(scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
-        if scope["type"] != "http":
-            return
-        while (await receive()).get("more_body"):
-            pass
-        if delay:
-            await asyncio.sleep(delay)
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-
-    return app
-
-
-def serve_receiver(fd: int, delay: float) -> None:
-    """The child process: serve ``receiver_app`` on the listening socket inherited as ``fd``."""
-    import uvicorn
-
-    sock = socket.socket(fileno=fd)
-    config = uvicorn.Config(receiver_app(delay), log_level="warning", access_log=False, lifespan="off")
-    uvicorn.Server(config).run(sockets=[sock])
-
-
-@asynccontextmanager
-async def receiver_process(name: str, delay: float, log: Path) -> AsyncIterator[str]:
-    """A receiver in a child process, so it shares no interpreter lock with the client; its URL."""
-    listener = socket.create_server(("127.0.0.1", 0), backlog=512)
-    port = listener.getsockname()[1]
-    try:
-        with log.open("wb") as sink:
-            process = await anyio.open_process(
-                [sys.executable, SCRIPT, "--serve-receiver", str(listener.fileno()), "--receiver-delay", str(delay)],
-                pass_fds=(listener.fileno(),),
-                stdin=subprocess.DEVNULL,
-                stdout=sink,
-                stderr=sink,
-            )
-    finally:
-        listener.close()  # the child has its own copy
-    try:
-        url = f"http://127.0.0.1:{port}/hooks/{name}"
-        await _wait_until_answering(url, log)
-        yield url
-    finally:
-        await _end(process, grace=10)
-
-
-async def _wait_until_answering(url: str, log: Path) -> None:
-    async with httpx.AsyncClient(trust_env=False) as client:
-        with anyio.move_on_after(20):
-            while True:
-                try:
-                    if (await client.post(url, content=b"{}")).status_code == 200:
-                        return
-                except httpx.HTTPError:
-                    pass
-                await anyio.sleep(0.1)
-    output = (await anyio.Path(log).read_text())[-2000:]
-    raise BenchmarkFailed(f"receiver {url} did not answer within 20 s: {output}")
-
-
-async def _end(process: Process, *, grace: float) -> None:
-    """SIGTERM, then SIGKILL after ``grace`` seconds; shielded, so an interrupted run still reaps it."""
-    with anyio.CancelScope(shield=True):
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            with anyio.move_on_after(grace):
-                await process.wait()
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-
-
 # --- databases and processes ----------------------------------------------------------------
 
 
@@ -240,7 +158,7 @@ async def worker_process(env: dict[str, str], log: Path) -> AsyncIterator[Proces
     try:
         yield process
     finally:
-        await _end(process, grace=30)  # SIGTERM lets in-flight deliveries finish (20 s grace)
+        await end_process(process, grace=30)  # SIGTERM lets in-flight deliveries finish (20 s grace)
 
 
 @asynccontextmanager
@@ -352,8 +270,9 @@ async def measure_floor(label: str, database_url: str, url: str, payload: dict[s
     conn = await connect(database_url)
     try:
         await conn.execute(FLOOR_TABLE)
-        # Configured as the worker configures its clients (queue_worker/adapters/webhook.py).
-        async with httpx.AsyncClient(timeout=15.0, follow_redirects=False, trust_env=False) as http:
+        # The worker's own HTTP layer, as the webhook adapter uses it (queue_worker/http.py).
+        http = AdapterOptions(allow_private_targets=True, timeout=15.0).http_client()
+        try:
             for index in range(args.warmup + args.floor_samples):
                 headers = {
                     "content-type": "application/json",
@@ -364,17 +283,19 @@ async def measure_floor(label: str, database_url: str, url: str, payload: dict[s
                 started = time.perf_counter()
                 row_id = await conn.fetchval(FLOOR_INSERT, payload)
                 inserted = time.perf_counter()
-                response = await http.post(url, content=body, headers=headers)
+                answer = await http.request("POST", url, headers=headers, body=body, timeout=15.0)
                 posted = time.perf_counter()
                 await conn.execute(FLOOR_UPDATE, row_id)
                 done = time.perf_counter()
-                if response.status_code != 200:
-                    raise BenchmarkFailed(f"floor: the fast receiver answered {response.status_code}")
+                if answer.status != 200:
+                    raise BenchmarkFailed(f"floor: the fast receiver answered {answer.status}")
                 if index >= args.warmup:
                     floor.total.append(done - started)
                     floor.insert.append(inserted - started)
                     floor.post.append(posted - inserted)
                     floor.update.append(done - posted)
+        finally:
+            await http.aclose()
     finally:
         await conn.close()
     print(f"  floor, {label}: {describe(floor.total)}", flush=True)
@@ -653,22 +574,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--database-url", default=DEFAULT_URL, help=f"an admin URL (default {DEFAULT_URL})")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per scenario (default 600)")
-    parser.add_argument("--serve-receiver", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--receiver-delay", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.serve_receiver is None:
-        if min(args.samples, args.backlog_samples, args.floor_samples) < 1 or min(args.warmup, args.backlog) < 0:
-            parser.error("--samples, --backlog-samples and --floor-samples must be positive")
-        if unknown := set(args.modes) - set(MODE_LABELS):
-            parser.error(f"unknown --modes {sorted(unknown)}; use {IN_SERVER} and/or {SEPARATE}")
+    if min(args.samples, args.backlog_samples, args.floor_samples) < 1 or min(args.warmup, args.backlog) < 0:
+        parser.error("--samples, --backlog-samples and --floor-samples must be positive")
+    if unknown := set(args.modes) - set(MODE_LABELS):
+        parser.error(f"unknown --modes {sorted(unknown)}; use {IN_SERVER} and/or {SEPARATE}")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.serve_receiver is not None:
-        serve_receiver(args.serve_receiver, args.receiver_delay)
-        return 0
     try:
         results = anyio.run(run, args)
     except BenchmarkFailed as exc:
