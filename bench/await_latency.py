@@ -33,11 +33,11 @@ Needs a PostgreSQL server it may create databases on, and uvicorn in the environ
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -57,7 +57,7 @@ from anyio.abc import Process
 from cryptography.fernet import Fernet
 from mcp import Client, StdioServerParameters
 from receivers import end_process, receiver_process  # bench/receivers.py, beside this script
-from scratch import BenchmarkFailed, deadline, scratch_database  # bench/scratch.py, beside this script
+from scratch import BenchmarkFailed, deadline, scratch_database, setup_call, until_signalled  # bench/scratch.py
 
 from queue_worker.adapters import AdapterOptions
 from wordclaw_mcp import queries
@@ -73,6 +73,7 @@ PLAN_SIZE = 10
 MAX_ATTEMPTS = 8  # the default of WORDCLAW_MAX_ATTEMPTS
 # How long the client waits for any one reply. The server's own await ends at 10 s.
 REPLY_TIMEOUT = 60.0
+call = functools.partial(setup_call, reply_seconds=REPLY_TIMEOUT)
 
 SUCCEEDED, TIMED_OUT, FAILED = "succeeded", "timed out", "failed"
 IN_SERVER, SEPARATE = "in-server", "separate"
@@ -182,14 +183,6 @@ async def report_worker_log(home: Path) -> None:
         print(f"    wordclaw-worker logged {len(lines)} warning(s) or error(s), the first ones:", flush=True)
         for line in lines[:5]:
             print(f"      {line}", flush=True)
-
-
-async def call(client: Client, tool: str, **arguments: Any) -> dict[str, Any]:
-    """A set-up call that must succeed."""
-    result = await client.call_tool(tool, arguments, read_timeout_seconds=REPLY_TIMEOUT)
-    if result.is_error:
-        raise BenchmarkFailed(f"{tool} failed: {result.content[0].text}")
-    return result.structured_content or {}
 
 
 @dataclass(frozen=True)
@@ -479,23 +472,8 @@ async def run(args: argparse.Namespace) -> Results:
     """Every scenario; SIGINT or SIGTERM stops the run, after dropping its database and ending its processes."""
     results = Results()
     print(await machine(args.database_url), flush=True)
-    interrupted: list[str] = []
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(_stop_on_signal, tg.cancel_scope, interrupted)
-        await measure_all(args, results)
-        tg.cancel_scope.cancel()
-    if interrupted:
-        raise BenchmarkFailed(f"interrupted by {interrupted[0]}")
+    await until_signalled(lambda: measure_all(args, results))
     return results
-
-
-async def _stop_on_signal(scope: anyio.CancelScope, interrupted: list[str]) -> None:
-    # Installed explicitly: a shell starts background jobs with SIGINT ignored.
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            interrupted.append(signal.Signals(signum).name)
-            scope.cancel()
-            return
 
 
 async def measure_all(args: argparse.Namespace, results: Results) -> None:

@@ -28,9 +28,9 @@ Needs a PostgreSQL server it may create databases on.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
-import signal
 import sys
 import tempfile
 import time
@@ -46,7 +46,7 @@ import anyio
 import asyncpg
 from cryptography.fernet import Fernet
 from mcp import Client, StdioServerParameters
-from scratch import BenchmarkFailed, deadline, scratch_database  # bench/scratch.py, beside this script
+from scratch import BenchmarkFailed, deadline, scratch_database, setup_call, until_signalled  # bench/scratch.py
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 BIN = Path(sys.executable).parent
@@ -54,6 +54,7 @@ CREATE = "create_distribution_plan"
 TARGETS = 5
 # How long the client waits for any one reply.
 REPLY_TIMEOUT = 60.0
+call = functools.partial(setup_call, reply_seconds=REPLY_TIMEOUT)
 # Untimed calls per caller before each measurement: the first calls of a shape pay for
 # prepared statements, pool connections and the SDK's caches.
 WARMUP = 10
@@ -114,14 +115,6 @@ async def sessions(env: dict[str, str], count: int) -> AsyncIterator[list[Client
     params = StdioServerParameters(command=str(BIN / "wordclaw-mcp"), args=["--no-worker"], env=env)
     async with AsyncExitStack() as stack:
         yield [await stack.enter_async_context(Client(params)) for _ in range(count)]
-
-
-async def call(client: Client, tool: str, **arguments: Any) -> dict[str, Any]:
-    """A set-up call that must succeed."""
-    result = await client.call_tool(tool, arguments, read_timeout_seconds=REPLY_TIMEOUT)
-    if result.is_error:
-        raise BenchmarkFailed(f"{tool} failed: {result.content[0].text}")
-    return result.structured_content or {}
 
 
 @dataclass(frozen=True)
@@ -309,31 +302,9 @@ def verify(run: Run) -> None:
 async def main_async(args: argparse.Namespace) -> Run:
     """Every measurement; SIGINT or SIGTERM stops the run, after dropping its database and ending its processes."""
     run = Run()
-    interrupted: list[str] = []
-    failures: list[BenchmarkFailed] = []
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(_stop_on_signal, tg.cancel_scope, interrupted)
-        # Caught here: out of the task group it would come wrapped in an ExceptionGroup.
-        try:
-            await measure_all(args, run)
-        except BenchmarkFailed as exc:
-            failures.append(exc)
-        tg.cancel_scope.cancel()
-    if interrupted:
-        raise BenchmarkFailed(f"interrupted by {interrupted[0]}")
-    if failures:
-        raise failures[0]
+    await until_signalled(lambda: measure_all(args, run))
     verify(run)
     return run
-
-
-async def _stop_on_signal(scope: anyio.CancelScope, interrupted: list[str]) -> None:
-    # Installed explicitly: a shell starts background jobs with SIGINT ignored.
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            interrupted.append(signal.Signals(signum).name)
-            scope.cancel()
-            return
 
 
 def report(run: Run) -> None:

@@ -1,13 +1,17 @@
-"""What the benchmarks share: a database of their own for each measurement, and a deadline."""
+"""What the benchmarks share: a database of their own for each measurement, a deadline, a stop on
+SIGINT or SIGTERM, and set-up tool calls that must succeed."""
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator, Iterator
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from typing import Any
 
 import anyio
 import asyncpg
+from mcp import Client
 
 from wordclaw_mcp import queries
 
@@ -48,3 +52,38 @@ def with_database(url: str, name: str) -> str:
     scheme, _, rest = base.partition("://")
     authority = rest.split("/", 1)[0]
     return f"{scheme}://{authority}/{name}" + (f"?{query}" if query else "")
+
+
+async def until_signalled(measure: Callable[[], Awaitable[None]]) -> None:
+    """Run ``measure``; SIGINT or SIGTERM stops it, after its databases are dropped and processes ended."""
+    interrupted: list[str] = []
+    failures: list[BenchmarkFailed] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_stop_on_signal, tg.cancel_scope, interrupted)
+        # Caught here: out of the task group it would come wrapped in an ExceptionGroup.
+        try:
+            await measure()
+        except BenchmarkFailed as exc:
+            failures.append(exc)
+        tg.cancel_scope.cancel()
+    if interrupted:
+        raise BenchmarkFailed(f"interrupted by {interrupted[0]}")
+    if failures:
+        raise failures[0]
+
+
+async def _stop_on_signal(scope: anyio.CancelScope, interrupted: list[str]) -> None:
+    # Installed explicitly: a shell starts background jobs with SIGINT ignored.
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            interrupted.append(signal.Signals(signum).name)
+            scope.cancel()
+            return
+
+
+async def setup_call(client: Client, tool: str, *, reply_seconds: float, **arguments: Any) -> dict[str, Any]:
+    """A set-up call that must succeed."""
+    result = await client.call_tool(tool, arguments, read_timeout_seconds=reply_seconds)
+    if result.is_error:
+        raise BenchmarkFailed(f"{tool} failed: {result.content[0].text}")
+    return result.structured_content or {}

@@ -38,7 +38,6 @@ import json
 import os
 import platform
 import secrets
-import signal
 import statistics
 import subprocess
 import sys
@@ -61,7 +60,7 @@ from cryptography.fernet import Fernet
 from pgqueuer import AsyncpgDriver, Job, Queries, QueueManager
 from pgqueuer.domain.types import QueueExecutionMode
 from receivers import Received, end_process, received, receiver_process, receiver_stack
-from scratch import BenchmarkFailed, deadline, scratch_database  # bench/scratch.py, beside this script
+from scratch import BenchmarkFailed, deadline, scratch_database, until_signalled  # bench/scratch.py
 
 from queue_worker.adapters import AdapterOptions, AdapterRegistry
 from wordclaw_mcp import queries
@@ -462,30 +461,8 @@ async def comparison_body() -> bytes:
 async def run(args: argparse.Namespace) -> list[Measurement]:
     """Every measurement; SIGINT or SIGTERM stops the run, after dropping its database and ending its processes."""
     results: list[Measurement] = []
-    interrupted: list[str] = []
-    failures: list[BenchmarkFailed] = []
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(_stop_on_signal, tg.cancel_scope, interrupted)
-        # Caught here: out of the task group it would come wrapped in an ExceptionGroup.
-        try:
-            await measure_all(args, results)
-        except BenchmarkFailed as exc:
-            failures.append(exc)
-        tg.cancel_scope.cancel()
-    if interrupted:
-        raise BenchmarkFailed(f"interrupted by {interrupted[0]}")
-    if failures:
-        raise failures[0]
+    await until_signalled(lambda: measure_all(args, results))
     return results
-
-
-async def _stop_on_signal(scope: anyio.CancelScope, interrupted: list[str]) -> None:
-    # Installed explicitly: a shell starts background jobs with SIGINT ignored.
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            interrupted.append(signal.Signals(signum).name)
-            scope.cancel()
-            return
 
 
 async def measure_all(args: argparse.Namespace, results: list[Measurement]) -> None:

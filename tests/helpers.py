@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 from uuid import UUID
 
 import anyio
+import asyncpg
 from mcp import Client
 
 from wordclaw_mcp.models import (
@@ -147,3 +148,8 @@ async def publish(
         CreateDistributionPlanInput(content_item_id=item.id, target_ids=target_ids, transform_policy=policy)
     )
     return plan, target_ids
+
+
+async def waiting_for_a_lock(conn: asyncpg.Connection, pid: int) -> bool:
+    """Whether the session ``pid`` is blocked on a lock, as seen from ``conn``."""
+    return await conn.fetchval("SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", pid) is True

@@ -19,7 +19,7 @@ from mcp import Client, StdioServerParameters
 
 from queue_worker.adapters import ratelimit
 from queue_worker.worker import THROTTLED_TOO_LONG, Worker
-from tests.helpers import call, eventually, publish
+from tests.helpers import call, eventually, publish, waiting_for_a_lock
 from tests.test_processes import BIN, _final, external_database_env, worker_process
 from tests.test_worker import plan_of, running, tuned
 from wordclaw_mcp import queries
@@ -433,7 +433,7 @@ async def test_the_claim_counts_running_jobs_in_a_snapshot_taken_after_it_locks_
         async with anyio.create_task_group() as tg:
             tg.start_soon(count)
             late_pid = late.get_server_pid()
-            await eventually(lambda: _waiting_for_a_lock(db, late_pid), within=10)
+            await eventually(lambda: waiting_for_a_lock(db, late_pid), within=10)
             # Meanwhile another worker claims a job and commits.
             async with service.pool.acquire() as other:
                 assert len(await other.fetch(queries.CLAIM_JOBS, 10, 30.0, "other")) == 1
@@ -444,10 +444,6 @@ async def test_the_claim_counts_running_jobs_in_a_snapshot_taken_after_it_locks_
         await db.execute("SELECT pg_advisory_unlock_all()")
         await service.pool.release(late)
     assert result == {"in_the_statements_snapshot": 0, "at_the_call": 1}
-
-
-async def _waiting_for_a_lock(db: asyncpg.Connection, pid: int) -> bool:
-    return await db.fetchval("SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", pid) is True
 
 
 async def test_a_concurrency_limit_of_one_is_never_exceeded_by_two_worker_daemons(

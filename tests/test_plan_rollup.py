@@ -12,7 +12,7 @@ import anyio
 import asyncpg
 import pytest
 
-from tests.helpers import eventually
+from tests.helpers import eventually, waiting_for_a_lock
 from wordclaw_mcp.database import connect
 
 pytestmark = pytest.mark.anyio
@@ -130,7 +130,7 @@ async def test_two_transactions_finishing_a_plans_last_jobs_at_once_end_it(
                 # The second finish starts while the first is uncommitted: it must wait for the
                 # plan's row, then count on top of the first.
                 tg.start_soon(move, other, {job_b: (second, 1)})
-                await eventually(lambda: _waiting_for_a_lock(setup, other_pid), within=10)
+                await eventually(lambda: waiting_for_a_lock(setup, other_pid), within=10)
         row = await setup.fetchrow("SELECT status, completed_at FROM distribution_plans WHERE id = $1", plan)
         assert row["status"] == final and row["completed_at"] is not None
         await assert_rollup_matches(setup, "after both finishes")
@@ -161,7 +161,3 @@ async def test_concurrent_batches_over_shared_plans_keep_every_plan_status_equal
     finally:
         for conn in (setup, *workers):
             await conn.close()
-
-
-async def _waiting_for_a_lock(conn: asyncpg.Connection, pid: int) -> bool:
-    return await conn.fetchval("SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", pid) is True
