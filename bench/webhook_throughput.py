@@ -1,17 +1,19 @@
 """Webhook deliveries per second: WordClaw's worker, pgqueuer 1.6 with aiohttp, and a plain aiohttp loop, in one run.
 
-    .venv/bin/python bench/webhook_throughput.py [--jobs N] [--concurrency C] [--repeat K] [--database-url URL]
+    .venv/bin/python bench/webhook_throughput.py [--jobs N] [--concurrency C] [--batch-size B] [--repeat K]
+        [--systems LIST] [--profile DIR] [--database-url URL]
 
 All of them POST N webhooks, C at a time, to the same fast receiver: a uvicorn app in a child
 process on 127.0.0.1 (bench/receivers.py) that answers 200 with a tiny body and tallies what
 it received, so that every run can be checked to have delivered each job exactly once.
 
-- wordclaw: one real ``wordclaw-worker`` process (WORDCLAW_WORKER_CONCURRENCY=C) draining N
+- wordclaw: one real ``wordclaw-worker`` process (WORDCLAW_WORKER_CONCURRENCY=C,
+  WORDCLAW_WORKER_BATCH_SIZE from --batch-size, by default the worker's own) draining N
   signed webhook jobs, enqueued as the service writes them (plans of 10, one transaction each)
   with the webhook adapter's own payload. Timed from the worker's registration (its first act
   once it has started) until no job is queued or running, polled every 0.1 s; its start-up is
-  reported apart. Its peak RSS (VmHWM) is read just before it is stopped with SIGTERM. Its
-  batch size is the default (20, capped at C): ``Settings.from_env`` reads no batch size.
+  reported apart. Its peak RSS (VmHWM) is read just before it is stopped with SIGTERM.
+  With --profile, py-spy samples it from its registration on (collapsed stacks).
 - pgqueuer+aiohttp: pgqueuer's QueueManager in drain mode, on one asyncpg connection,
   draining N jobs that carry the same body; the entrypoint POSTs it with one shared
   ``aiohttp.ClientSession``. Two ways to hold it to C at once, both measured (--pgqueuer-modes):
@@ -108,18 +110,14 @@ class Measurement:
         return self.jobs / self.seconds
 
 
-def label(system: str, concurrency: int) -> str:
+def label(system: str, args: argparse.Namespace) -> str:
+    concurrency = args.concurrency
     return {
-        WORDCLAW: f"wordclaw-worker (concurrency {concurrency}, batch {wordclaw_batch(concurrency)})",
+        WORDCLAW: f"wordclaw-worker (concurrency {concurrency}, batch {args.batch_size})",
         PGQ_TASKS: f"pgqueuer+aiohttp (max_concurrent_tasks {concurrency}, batch {concurrency // 2})",
         PGQ_ENTRYPOINT: f"pgqueuer+aiohttp (concurrency_limit {concurrency}, batch {concurrency})",
         PLAIN: f"plain aiohttp loop ({concurrency} tasks)",
     }[system]
-
-
-def wordclaw_batch(concurrency: int) -> int:
-    # Settings.from_env reads no batch size, so the worker claims min(default batch, concurrency).
-    return min(Settings().worker_batch_size, concurrency)
 
 
 class InFlight:
@@ -171,7 +169,7 @@ async def post(session: aiohttp.ClientSession, url: str, body: bytes, message_id
 # --- WordClaw -------------------------------------------------------------------------------
 
 
-def worker_env(database_url: str, home: Path, key: str, concurrency: int) -> dict[str, str]:
+def worker_env(database_url: str, home: Path, key: str, args: argparse.Namespace) -> dict[str, str]:
     """This environment without any WORDCLAW_* setting, plus the measurement's own."""
     env = {name: value for name, value in os.environ.items() if not name.startswith("WORDCLAW_")}
     return {
@@ -180,7 +178,8 @@ def worker_env(database_url: str, home: Path, key: str, concurrency: int) -> dic
         "WORDCLAW_HOME": str(home),
         "WORDCLAW_SECRET_KEYS": key,
         "WORDCLAW_ALLOW_PRIVATE_TARGETS": "1",  # the receiver is on loopback
-        "WORDCLAW_WORKER_CONCURRENCY": str(concurrency),
+        "WORDCLAW_WORKER_CONCURRENCY": str(args.concurrency),
+        "WORDCLAW_WORKER_BATCH_SIZE": str(args.batch_size),
     }
 
 
@@ -190,11 +189,11 @@ async def measure_wordclaw(args: argparse.Namespace, url: str, work: Path) -> Me
         home.mkdir()
         key = Fernet.generate_key().decode()
         plans = await enqueue_wordclaw(database_url, home, key, url, args.jobs)
-        env = worker_env(database_url, home, key, args.concurrency)
+        env = worker_env(database_url, home, key, args)
         conn = await asyncpg.connect(database_url)
         try:
             with deadline(args.timeout, "wordclaw"):
-                startup, seconds, rss = await drain_with_worker(conn, env, home / "worker.log")
+                startup, seconds, rss = await drain_with_worker(conn, env, home / "worker.log", args.profile)
             await verify_wordclaw(conn, args.jobs, plans)
         finally:
             await conn.close()
@@ -245,8 +244,14 @@ def signing_secret() -> str:
     return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
-async def drain_with_worker(conn: asyncpg.Connection, env: dict[str, str], log: Path) -> tuple[float, float, float]:
-    """Spawn ``wordclaw-worker``, wait for it to drain the queue, stop it. (start-up s, drain s, peak RSS MB)."""
+async def drain_with_worker(
+    conn: asyncpg.Connection, env: dict[str, str], log: Path, profile: Path | None
+) -> tuple[float, float, float]:
+    """Spawn ``wordclaw-worker``, wait for it to drain the queue, stop it. (start-up s, drain s, peak RSS MB).
+
+    With ``profile``, py-spy samples the worker from its registration until it exits, into a
+    file of collapsed stacks there (flamegraph.pl or speedscope read it).
+    """
     with log.open("ab") as sink:
         spawned = time.perf_counter()
         process = await anyio.open_process(
@@ -255,15 +260,30 @@ async def drain_with_worker(conn: asyncpg.Connection, env: dict[str, str], log: 
     try:
         # Its row in `workers` is written just before its first claim: the drain starts there.
         await wait_for(lambda: conn.fetchval(WORKER_REGISTERED), process, log, STARTUP_POLL_INTERVAL)
+        sampler = await start_profiler(process.pid, profile) if profile else None
         ready = time.perf_counter()
         await wait_for(lambda: drained(conn), process, log, POLL_INTERVAL)
         done = time.perf_counter()
         rss = peak_rss_mb(process.pid)
     finally:
         await end_process(process, grace=30)  # SIGTERM lets in-flight deliveries finish (20 s grace)
+    if profile and sampler:
+        await sampler.wait()  # py-spy writes its file once the worker has gone
     if process.returncode != 0:
         raise BenchmarkFailed(f"wordclaw-worker exited with {process.returncode} when stopped: {await tail(log)}")
     return ready - spawned, done - ready, rss
+
+
+async def start_profiler(pid: int, directory: Path) -> Process:
+    await anyio.Path(directory).mkdir(parents=True, exist_ok=True)
+    output = directory / f"worker-{pid}.collapsed"
+    print(f"    profiling the worker with py-spy into {output}", flush=True)
+    return await anyio.open_process(
+        [str(BIN / "py-spy"), "record", "--pid", str(pid), "--rate", "250", "--format", "raw", "-o", str(output)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 WORKER_REGISTERED = "SELECT EXISTS (SELECT 1 FROM workers)"
@@ -363,7 +383,7 @@ async def measure_pgqueuer(args: argparse.Namespace, mode: str, url: str, body: 
                         raise RuntimeError(f"answered {status}")
 
                 started = time.perf_counter()
-                with deadline(args.timeout, label(mode, concurrency)):
+                with deadline(args.timeout, label(mode, args)):
                     await qm.run(
                         batch_size=batch_size,
                         mode=QueueExecutionMode.drain,
@@ -467,7 +487,7 @@ async def run(args: argparse.Namespace) -> list[Measurement]:
 
 async def measure_all(args: argparse.Namespace, results: list[Measurement]) -> None:
     body = await comparison_body()
-    systems = [WORDCLAW, *args.pgqueuer_modes, PLAIN]
+    systems = [system for system in (WORDCLAW, *args.pgqueuer_modes, PLAIN) if system in args.systems]
     with tempfile.TemporaryDirectory(prefix="wordclaw-webhook-bench-") as tmp:
         work = Path(tmp)
         async with receiver_process("bench", 0.0, work / "receiver.log") as base_url:
@@ -484,14 +504,14 @@ async def measure_all(args: argparse.Namespace, results: list[Measurement]) -> N
                     else:
                         result = await measure_pgqueuer(args, system, url, body)
                     results.append(result)
-                    print(f"  repeat {repeat + 1}: {describe(result, args.concurrency)}", flush=True)
+                    print(f"  repeat {repeat + 1}: {describe(result, args)}", flush=True)
 
 
-def describe(result: Measurement, concurrency: int) -> str:
+def describe(result: Measurement, args: argparse.Namespace) -> str:
     extra = ""
     if result.peak_rss_mb is not None:
         extra = f", start-up {result.startup_seconds:.2f} s (not timed), peak RSS {result.peak_rss_mb:.0f} MB"
-    return f"{label(result.system, concurrency)}: {result.seconds:.2f} s, {result.per_second:,.0f} deliveries/s{extra}"
+    return f"{label(result.system, args)}: {result.seconds:.2f} s, {result.per_second:,.0f} deliveries/s{extra}"
 
 
 def report(results: Sequence[Measurement], args: argparse.Namespace) -> None:
@@ -505,23 +525,24 @@ def report(results: Sequence[Measurement], args: argparse.Namespace) -> None:
     header = f"{'system':<62} {'deliveries/s':>12} {'x plain':>8} {'in flight':>9} {'bytes/POST':>10}"
     print(header)
     print("-" * len(header))
+    plain = rates.get(PLAIN)
     for system, runs in grouped.items():
         peak = max((r.peak_in_flight or 0) for r in runs) or "-"
         size = runs[0].received.bytes / runs[0].received.posts
-        print(
-            f"{label(system, args.concurrency):<62} {rates[system]:>12,.0f} {rates[system] / rates[PLAIN]:>7.2f}x "
-            f"{peak:>9} {size:>10,.0f}"
-        )
+        ratio = f"{rates[system] / plain:>7.2f}x" if plain else f"{'-':>8}"
+        print(f"{label(system, args):<62} {rates[system]:>12,.0f} {ratio} {peak:>9} {size:>10,.0f}")
     if args.repeat > 1:
         print("(median of the repeats; in flight: the most POSTs this process had in flight at once)")
     else:
         print("(in flight: the most POSTs this process had in flight at once)")
+    if WORDCLAW not in rates:
+        return
 
     print()
     wordclaw = rates[WORDCLAW]
-    for mode in args.pgqueuer_modes:
-        print(f"wordclaw / {label(mode, args.concurrency)} = {wordclaw / rates[mode]:.2f}")
-    print(f"wordclaw / {label(PLAIN, args.concurrency)} = {wordclaw / rates[PLAIN]:.2f}")
+    for system in (PGQ_TASKS, PGQ_ENTRYPOINT, PLAIN):
+        if system in rates:
+            print(f"wordclaw / {label(system, args)} = {wordclaw / rates[system]:.2f}")
     runs = grouped[WORDCLAW]
     rss = max(r.peak_rss_mb or 0.0 for r in runs)
     startup = statistics.median(r.startup_seconds or 0.0 for r in runs)
@@ -540,9 +561,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=20000, help="deliveries per system (default 20000)")
     parser.add_argument("--concurrency", type=int, default=20, help="deliveries in flight at once (default 20)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=Settings().worker_batch_size,
+        help=f"the worker's claim batch (default: its own, {Settings().worker_batch_size})",
+    )
     parser.add_argument("--repeat", type=int, default=1, help="measure every system K times (default 1)")
     parser.add_argument("--database-url", default=DEFAULT_URL, help=f"an admin URL (default {DEFAULT_URL})")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds allowed per drain (default 300)")
+    parser.add_argument(
+        "--systems",
+        type=lambda text: [part.strip() for part in text.split(",") if part.strip()],
+        default=[WORDCLAW, PGQ_TASKS, PGQ_ENTRYPOINT, PLAIN],
+        help=f"comma-separated, of {WORDCLAW}, {PGQ_TASKS}, {PGQ_ENTRYPOINT} and {PLAIN} (default all)",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="attach py-spy to the worker once it has registered; write its samples to this directory",
+    )
     parser.add_argument(
         "--pgqueuer-modes",
         type=lambda text: [part.strip() for part in text.split(",") if part.strip()],
@@ -550,8 +588,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help=f"comma-separated, of {PGQ_TASKS} and {PGQ_ENTRYPOINT} (default both)",
     )
     args = parser.parse_args(argv)
-    if min(args.jobs, args.concurrency, args.repeat) < 1:
-        parser.error("--jobs, --concurrency and --repeat must be at least 1")
+    if unknown := set(args.systems) - {WORDCLAW, PGQ_TASKS, PGQ_ENTRYPOINT, PLAIN}:
+        parser.error(f"unknown --systems {sorted(unknown)}")
+    if min(args.jobs, args.concurrency, args.repeat, args.batch_size) < 1:
+        parser.error("--jobs, --concurrency, --repeat and --batch-size must be at least 1")
     if unknown := set(args.pgqueuer_modes) - {PGQ_TASKS, PGQ_ENTRYPOINT}:
         parser.error(f"unknown --pgqueuer-modes {sorted(unknown)}; use {PGQ_TASKS} and/or {PGQ_ENTRYPOINT}")
     if PGQ_TASKS in args.pgqueuer_modes and args.concurrency < 2:

@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import anyio
 
-from wordclaw_mcp.cli import configure_logging, report_failure
+from wordclaw_mcp.cli import configure_logging, event_loop_options, report_failure
 from wordclaw_mcp.config import Settings
 from wordclaw_mcp.errors import DistributionError
 from wordclaw_mcp.runtime import Runtime
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env()
         if args.concurrency is not None:
             settings = replace(settings, worker_concurrency=args.concurrency)
-        anyio.run(serve, settings)
+        anyio.run(serve, settings, backend_options=event_loop_options())
     except DistributionError as exc:
         return report_failure("wordclaw-worker", exc)
     return 0

@@ -83,6 +83,8 @@ async def test_stdio_server_and_a_separate_worker_deliver_a_webhook(
         plan = await publish_over_stdio(env, receiver)
         assert await stop(worker, log) == 0
     assert plan["status"] == "succeeded", plan
+    # uvloop is a dependency wherever it builds; the daemon runs on it (docs/benchmarks.md says why).
+    assert "event loop uvloop" in log.read_text()
     [receipt] = plan["receipts"]
     assert (receipt["succeeded"], receipt["statusCode"], receipt["attempt"]) == (True, 200, 1)
     assert len(receiver.requests) == 1

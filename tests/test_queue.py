@@ -244,7 +244,7 @@ async def test_the_worker_daemon_wakes_on_new_jobs_and_stops_cleanly(
     assert done.status == "succeeded"
     assert done.receipts and done.receipts[0].succeeded
     assert f"worker {worker.name} stopped" in caplog.text
-    assert worker._in_flight == 0 and worker._outcomes == []
+    assert worker._holding == 0 and worker._outcomes == []
 
 
 async def test_stopping_mid_delivery_records_the_interrupted_attempt_and_requeues(

@@ -10,6 +10,7 @@ from urllib.parse import quote, urlsplit
 
 import asyncpg
 import pytest
+from cryptography.fernet import Fernet
 
 from queue_worker.adapters import DeliveryResult, DeliveryTarget, WebhookAdapter
 from queue_worker.worker import Worker, redact
@@ -19,6 +20,7 @@ from wordclaw_mcp.errors import DistributionError
 from wordclaw_mcp.models import CreateDistributionPlanInput, PlanRef, RegisterTargetInput, UpsertContentItemInput
 from wordclaw_mcp.receiver import WebhookReceiver
 from wordclaw_mcp.redaction import scrub
+from wordclaw_mcp.secrets import SecretBox
 from wordclaw_mcp.service import DistributionService
 
 pytestmark = pytest.mark.anyio
@@ -153,6 +155,28 @@ def test_scrubbing_covers_the_meaningful_fragments_of_each_secret() -> None:
     assert result.error.endswith("page 1 of json")  # short, ordinary text is left alone
     assert result.raw_meta["n"] == 3
     assert scrub("nothing secret here", [signing_secret, url]) == "nothing secret here"
+
+
+def test_scrubbing_looks_for_exactly_the_secrets_it_is_given_each_time() -> None:
+    # The fragments are worked out once per set of secrets and kept: a kept set must never
+    # stand in for another.
+    first, second = new_signing_secret(), new_signing_secret()
+    both = f"{first} and {second}"
+    assert scrub(both, [first]) == f"[redacted] and {second}"
+    assert scrub(both, [second]) == f"{first} and [redacted]"
+    assert scrub(both, [first, second]) == "[redacted] and [redacted]"
+    assert scrub(both, [first]) == f"[redacted] and {second}"
+
+
+def test_decrypted_secrets_are_the_callers_own_and_only_the_right_keys_read_them() -> None:
+    box = SecretBox([Fernet.generate_key().decode()])
+    sealed = box.encrypt({"token": "t0ken"})
+    mine = box.decrypt(sealed)
+    mine["token"] = "changed by the caller"
+    assert box.decrypt(sealed) == {"token": "t0ken"}
+    with pytest.raises(DistributionError) as refused:
+        SecretBox([Fernet.generate_key().decode()]).decrypt(sealed)
+    assert refused.value.code == "SECRET_KEY_MISMATCH"
 
 
 async def test_a_server_echoing_part_of_the_signing_secret_is_redacted_from_the_receipt(

@@ -360,6 +360,72 @@ async def test_with_low_concurrency_a_fast_job_is_not_held_behind_a_slow_one(
             gate.set()
 
 
+# --- jobs claimed ahead ------------------------------------------------------------------------
+
+
+async def two_plans_one_slot_busy(
+    runtime: Runtime, service: DistributionService, receiver: WebhookReceiver
+) -> tuple[Worker, list[Plan]]:
+    """Two queued plans to a gated receiver, and a worker with one slot that will claim both at once."""
+    plans = [(await publish(service, [receiver.url]))[0] for _ in range(2)]
+    return Worker(tuned(runtime, worker_concurrency=1, worker_batch_size=2)), plans
+
+
+async def test_a_job_claimed_ahead_whose_plan_is_cancelled_is_neither_sent_nor_counted(
+    runtime: Runtime, service: DistributionService
+) -> None:
+    gate = threading.Event()
+    with WebhookReceiver() as receiver:
+        receiver.behaviour.gate = gate
+        worker, _plans = await two_plans_one_slot_busy(runtime, service, receiver)
+        try:
+            async with running(worker):
+                await anyio.to_thread.run_sync(receiver.wait_for, 1)
+                [waiting] = list(worker._ready)  # the slot is busy with the other job
+                await service.cancel_plan(PlanRef(plan_id=waiting.plan_id))
+                await eventually(lambda: _true(waiting.id in worker._cancelled_before_start))
+                gate.set()
+                done = await eventually(lambda: _ended(service, waiting.plan_id))
+        finally:
+            gate.set()
+    assert done.status == "cancelled"
+    assert done.jobs[0].attempt == 0, "no attempt was made, so none is counted"
+    assert await receipts_of(service, waiting.plan_id) == []
+    assert len(receiver.requests) == 1
+
+
+async def test_a_stopping_worker_gives_back_the_jobs_it_claimed_ahead_at_once_and_uncounted(
+    runtime: Runtime, service: DistributionService
+) -> None:
+    gate = threading.Event()
+    with WebhookReceiver() as receiver:
+        receiver.behaviour.gate = gate
+        worker, _plans = await two_plans_one_slot_busy(runtime, service, receiver)
+        try:
+            async with running(worker):
+                await anyio.to_thread.run_sync(receiver.wait_for, 1)
+                [waiting] = list(worker._ready)
+                worker.stop()
+                # Given back while the other delivery still hangs: nothing waits for the grace.
+                job = await eventually(lambda: _queued_job(service, waiting.plan_id))
+                gate.set()
+        finally:
+            gate.set()
+    assert job.attempt == 0 and job.next_attempt_at <= datetime.now(UTC)
+    assert await receipts_of(service, waiting.plan_id) == []
+    assert len(receiver.requests) == 1
+
+
+async def _ended(service: DistributionService, plan_id: UUID) -> Plan | None:
+    plan = await plan_of(service, plan_id)
+    return plan if plan.status not in ("queued", "running") else None
+
+
+async def _queued_job(service: DistributionService, plan_id: UUID):
+    [job] = (await plan_of(service, plan_id)).jobs
+    return job if job.status == "queued" else None
+
+
 # --- deactivated targets -----------------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import ipaddress
 import logging
 import sys
@@ -21,6 +22,15 @@ def configure_logging(level: str = "INFO") -> None:
     logging.basicConfig(
         level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+
+
+def event_loop_options() -> dict[str, bool]:
+    """anyio's asyncio options: uvloop wherever it is installed (it is a dependency, except on Windows).
+
+    Measured on the worker (docs/benchmarks.md), the standard loop's own bookkeeping was a
+    large share of each delivery's CPU time.
+    """
+    return {"use_uvloop": importlib.util.find_spec("uvloop") is not None}
 
 
 def report_failure(prog: str, exc: DistributionError) -> int:

@@ -251,7 +251,7 @@ FROM distribution_targets t
 -- its guess hashes the whole jobs table; ids in an array are fetched through the primary key.
 WHERE j.id = ANY (ARRAY(SELECT id FROM limited_jobs UNION ALL SELECT id FROM fresh UNION ALL SELECT id FROM rest))
   AND t.id = j.target_id
-RETURNING j.id, j.plan_id, j.target_id, j.attempt, j.max_attempts, j.payload_snapshot,
+RETURNING j.id, j.plan_id, j.target_id, j.attempt, j.max_attempts, j.priority, j.payload_snapshot,
           t.name AS target_name, t.channel_type, t.config_json AS config, t.secret_ciphertext
 """
 
