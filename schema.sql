@@ -333,8 +333,12 @@ BEGIN
             NEW.id,
             jsonb_build_object('planId', NEW.id, 'contentItemId', NEW.content_item_id, 'status', NEW.status));
     END IF;
-    -- Wakes agents waiting on this plan (awaitDelivery) instead of making them poll.
-    PERFORM pg_notify('wordclaw_plans', NEW.id::text);
+    -- Wakes agents waiting for this plan to end (awaitDelivery) instead of making them poll.
+    -- Only its end: a transaction that notifies holds one database-wide lock through its
+    -- commit, so a notification on every claim serialised the workers' commits.
+    IF TG_OP = 'UPDATE' AND NEW.status NOT IN ('queued', 'running') THEN
+        PERFORM pg_notify('wordclaw_plans', NEW.id::text);
+    END IF;
     RETURN NULL;
 END
 $$;

@@ -413,13 +413,20 @@ async def enqueue_backlog(conn: asyncpg.Connection, setup: Setup, jobs: int) -> 
     options = {"transformPolicy": TransformPolicy().model_dump(mode="json", by_alias=True)}
     item_id, target_id = uuid.UUID(setup.item["id"]), uuid.UUID(setup.slow_target)
     sizes = [PLAN_SIZE] * (jobs // PLAN_SIZE) + ([jobs % PLAN_SIZE] if jobs % PLAN_SIZE else [])
-    insert_jobs = await conn.prepare(queries.INSERT_JOBS)
-    lane = await _lane_arguments(insert_jobs)
     started = time.perf_counter()
     for size in sizes:
-        async with conn.transaction():
-            plan = await conn.fetchrow(queries.INSERT_PLAN, item_id, setup.item["version"], "await-bench", options)
-            await insert_jobs.fetch(plan["id"], MAX_ATTEMPTS, [target_id] * size, [setup.slow_payload] * size, *lane)
+        # Priority 0: the plan of nobody waiting, as the service gives it.
+        await conn.execute(
+            queries.CREATE_PLAN,
+            item_id,
+            setup.item["version"],
+            "await-bench",
+            options,
+            MAX_ATTEMPTS,
+            [target_id] * size,
+            [setup.slow_payload] * size,
+            0,
+        )
     return time.perf_counter() - started
 
 
@@ -428,20 +435,6 @@ SELECT (SELECT count(*) FROM distribution_jobs WHERE target_id = $1 AND attempt 
        (SELECT count(*) FROM distribution_receipts r JOIN distribution_jobs j ON j.id = r.job_id
         WHERE j.target_id = $1 AND NOT r.succeeded)
 """
-
-
-async def _lane_arguments(insert_jobs: asyncpg.prepared_stmt.PreparedStatement) -> list[int]:
-    """INSERT_JOBS takes (plan, max attempts, targets, payloads); with a fast lane, also the jobs' priority.
-
-    The backlog is made of plans nobody awaits, so it gets the priority the service gives those: 0.
-    Run on code with or without the lane, the script enqueues the same backlog.
-    """
-    extra = [parameter.name for parameter in insert_jobs.get_parameters()[4:]]
-    if not extra:
-        return []
-    if extra in (["int2"], ["int4"]):
-        return [0]
-    raise BenchmarkFailed(f"INSERT_JOBS takes parameters this script does not know: {extra}; update enqueue_backlog")
 
 
 JOBS_BY_STATUS = "SELECT status, count(*) FROM distribution_jobs WHERE target_id = $1 GROUP BY status ORDER BY 1"

@@ -1,6 +1,7 @@
 """Plan acceptance over stdio: ``create_distribution_plan`` calls per second, against a read-only tool's floor.
 
-    .venv/bin/python bench/plan_acceptance.py [--seconds S | --calls N] [--callers C] [--database-url URL]
+    .venv/bin/python bench/plan_acceptance.py [--seconds S | --calls N] [--callers C] [--profile DIR]
+        [--database-url URL]
 
 An agent's view: the SDK's ``mcp.Client`` spawns ``wordclaw-mcp --no-worker`` over stdio, on a
 database of its own (created here, dropped at the end), with 5 webhook targets and one content
@@ -110,11 +111,23 @@ def server_env(database_url: str, home: Path) -> dict[str, str]:
 
 
 @asynccontextmanager
-async def sessions(env: dict[str, str], count: int) -> AsyncIterator[list[Client]]:
-    """``count`` ``wordclaw-mcp --no-worker`` processes over stdio, one client session each."""
-    params = StdioServerParameters(command=str(BIN / "wordclaw-mcp"), args=["--no-worker"], env=env)
+async def sessions(env: dict[str, str], count: int, profile: Path | None = None) -> AsyncIterator[list[Client]]:
+    """``count`` ``wordclaw-mcp --no-worker`` processes over stdio, one client session each.
+
+    With ``profile``, each runs under py-spy, which writes its samples (collapsed stacks) there
+    when the server exits.
+    """
     async with AsyncExitStack() as stack:
-        yield [await stack.enter_async_context(Client(params)) for _ in range(count)]
+        clients = []
+        for _ in range(count):
+            command = [str(BIN / "wordclaw-mcp"), "--no-worker"]
+            if profile:
+                output = profile / f"server-{time.monotonic_ns()}.collapsed"
+                command = [str(BIN / "py-spy"), "record", "--rate", "250", "--format", "raw", "-o", str(output), "--"]
+                command += [str(BIN / "wordclaw-mcp"), "--no-worker"]
+            params = StdioServerParameters(command=command[0], args=command[1:], env=env)
+            clients.append(await stack.enter_async_context(Client(params)))
+        yield clients
 
 
 @dataclass(frozen=True)
@@ -249,7 +262,7 @@ async def measure_all(args: argparse.Namespace, run: Run) -> None:
     async with scratch_database(args.database_url, "plan_bench") as database_url:
         with tempfile.TemporaryDirectory(prefix="wordclaw-plan-bench-") as home:
             env = server_env(database_url, Path(home))
-            async with sessions(env, 1) as [client]:
+            async with sessions(env, 1, args.profile) as [client]:
                 setup = await set_up(client)
                 run.plans_created += 1
                 candidates = await floor_candidates(client, setup.plan_id)
@@ -267,7 +280,7 @@ async def measure_all(args: argparse.Namespace, run: Run) -> None:
 
             if callers > 1:
                 apart = f"{callers} sessions"
-                async with sessions(env, callers) as clients:
+                async with sessions(env, callers, args.profile) as clients:
                     await measure(run, apart, clients, 1, floor, budget, limit)
                     await measure(run, apart, clients, 1, setup.create, budget, limit)
                 run.floors[apart] = floor.tool
@@ -347,9 +360,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     budget.add_argument("--seconds", type=float, default=10.0, help="time each measurement for S s (default 10)")
     budget.add_argument("--calls", type=int, help="or make N timed calls per measurement, shared by its callers")
     parser.add_argument("--callers", type=int, default=8, help="concurrent callers and sessions (default 8)")
+    parser.add_argument("--profile", type=Path, help="run the servers under py-spy; write their samples here")
     parser.add_argument("--database-url", default=DEFAULT_URL, help=f"an admin URL (default {DEFAULT_URL})")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds allowed per measurement (default 300)")
     args = parser.parse_args(argv)
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
     if args.seconds <= 0 or (args.calls is not None and args.calls < 1) or args.callers < 1:
         parser.error("--seconds, --calls and --callers must be positive")
     return args

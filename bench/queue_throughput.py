@@ -190,18 +190,17 @@ async def enqueue_wordclaw(runtime: Runtime, adapter: NoopAdapter, config: Confi
     started = time.perf_counter()
     async with pool.acquire() as conn:
         for size in sizes:
-            async with conn.transaction():
-                plan = await conn.fetchrow(
-                    queries.INSERT_PLAN, content.id, content.version, runtime.settings.agent_id, options
-                )
-                await conn.execute(
-                    queries.INSERT_JOBS,
-                    plan["id"],
-                    runtime.settings.max_attempts,
-                    [target_id] * size,
-                    [payload] * size,
-                    0,
-                )
+            await conn.execute(
+                queries.CREATE_PLAN,
+                content.id,
+                content.version,
+                runtime.settings.agent_id,
+                options,
+                runtime.settings.max_attempts,
+                [target_id] * size,
+                [payload] * size,
+                0,
+            )
     return len(sizes), time.perf_counter() - started
 
 

@@ -229,12 +229,18 @@ async def enqueue_wordclaw(database_url: str, home: Path, key: str, url: str, jo
         sizes = [PLAN_SIZE] * (jobs // PLAN_SIZE) + ([jobs % PLAN_SIZE] if jobs % PLAN_SIZE else [])
         async with runtime.pool.acquire() as conn:
             for size in sizes:
-                async with conn.transaction():
-                    plan = await conn.fetchrow(queries.INSERT_PLAN, item.id, item.version, settings.agent_id, options)
-                    # Priority 0: the plan of nobody waiting, as the service gives it.
-                    await conn.execute(
-                        queries.INSERT_JOBS, plan["id"], settings.max_attempts, [target.id] * size, [payload] * size, 0
-                    )
+                # Priority 0: the plan of nobody waiting, as the service gives it.
+                await conn.execute(
+                    queries.CREATE_PLAN,
+                    item.id,
+                    item.version,
+                    settings.agent_id,
+                    options,
+                    settings.max_attempts,
+                    [target.id] * size,
+                    [payload] * size,
+                    0,
+                )
         # Plan the first claims from real statistics, rather than whenever autovacuum gets to it.
         await runtime.pool.execute("ANALYZE")
     return len(sizes)

@@ -29,6 +29,7 @@ from wordclaw_mcp.models import (
     RegisterTargetInput,
     UpsertContentItemInput,
 )
+from wordclaw_mcp.notifications import PLANS_CHANNEL
 from wordclaw_mcp.receiver import WebhookReceiver
 from wordclaw_mcp.redaction import REDACTED
 from wordclaw_mcp.runtime import Runtime
@@ -40,15 +41,17 @@ pytestmark = pytest.mark.anyio
 async def test_a_plan_queues_one_job_per_target_with_a_payload_snapshot(
     service: DistributionService, db: asyncpg.Connection, receiver: WebhookReceiver
 ) -> None:
-    plan, target_ids = await publish(service, [receiver.url, receiver.url + "?second"])
+    plan, target_ids = await publish(service, [receiver.url, receiver.url + "?second", receiver.url + "?third"])
     assert plan.status == "queued"
     assert [job.target_id for job in plan.jobs] == target_ids
     assert all(job.status == "queued" and job.attempt == 0 for job in plan.jobs)
+    # The plan comes back from the statement that created it; reading it again finds the same.
+    assert plan == await service.get_plan(PlanRef(plan_id=plan.id))
 
     item_id = plan.content_item_id
     await service.upsert_content_item(UpsertContentItemInput(id=item_id, title="Changed later", body="new"))
     snapshots = await db.fetch("SELECT payload_snapshot FROM distribution_jobs WHERE plan_id = $1", plan.id)
-    assert [row["payload_snapshot"]["data"]["title"] for row in snapshots] == ["Title", "Title"]
+    assert [row["payload_snapshot"]["data"]["title"] for row in snapshots] == ["Title"] * 3
 
 
 async def test_a_delivery_succeeds_rolls_the_plan_up_and_leaves_a_receipt(
@@ -321,6 +324,46 @@ async def test_await_plan_wakes_on_notification_not_the_poll(
     done = await await_plan_around(service, plan.id, worker.run_once)
     assert done.status == "succeeded"
     assert done.await_timed_out is False
+
+
+async def test_a_plan_notifies_its_end_and_not_its_claim(
+    service: DistributionService, worker: Worker, receiver: WebhookReceiver, db: asyncpg.Connection
+) -> None:
+    # A notifying transaction holds a database-wide lock through its commit: claims must not.
+    plan, _ = await publish(service, [receiver.url])
+    heard: list[str] = []
+
+    def hear(_conn: object, _pid: int, _channel: str, payload: str) -> None:
+        heard.append(payload)
+
+    await db.add_listener(PLANS_CHANNEL, hear)
+    try:
+        [job] = await worker.claim(1)
+        assert (await service.get_plan(PlanRef(plan_id=plan.id))).status == "running"
+        await worker.record(job, await worker.deliver(job))
+        # Notifications arrive in commit order, so one from the claim would be here first.
+        await eventually(lambda: _true(heard))
+        assert heard == [str(plan.id)]
+    finally:
+        await db.remove_listener(PLANS_CHANNEL, hear)
+
+
+async def _true(value: object) -> bool:
+    return bool(value)
+
+
+async def test_a_claim_commits_without_waiting_for_the_wal_flush_and_leaves_the_session_as_it_was(
+    service: DistributionService, receiver: WebhookReceiver, db: asyncpg.Connection
+) -> None:
+    await publish(service, [receiver.url])
+    async with db.transaction():
+        assert len(await db.fetch(queries.CLAIM_JOBS, 1, 30.0, "test")) == 1
+        # Read at commit: this transaction's commit will not wait for the flush.
+        assert await db.fetchval("SHOW synchronous_commit") == "off"
+    # Pooled connections are not reset on release, so the setting must end with the transaction.
+    assert await db.fetchval("SHOW synchronous_commit") == "on"
+    await db.fetch(queries.CLAIM_JOBS, 1, 30.0, "test")
+    assert await db.fetchval("SHOW synchronous_commit") == "on"
 
 
 async def test_await_plan_is_woken_again_after_the_listen_connection_is_lost(

@@ -14,7 +14,7 @@ from .database import CONNECTION_ERRORS, connect
 
 log = logging.getLogger(__name__)
 
-PLANS_CHANNEL = "wordclaw_plans"  # payload: the plan id whose status changed
+PLANS_CHANNEL = "wordclaw_plans"  # payload: the id of a plan that ended
 JOBS_CHANNEL = "wordclaw_jobs"  # payload: empty; new jobs are queued
 CANCEL_CHANNEL = "wordclaw_cancel"  # payload: the id of a running job whose plan was cancelled
 

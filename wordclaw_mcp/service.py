@@ -153,19 +153,20 @@ class DistributionService:
             )
 
         options = {"transformPolicy": policy.model_dump(mode="json", by_alias=True)}
-        async with self.pool.acquire() as conn, conn.transaction():
-            plan_row = await conn.fetchrow(queries.INSERT_PLAN, content.id, content.version, agent_id, options)
-            await conn.execute(
-                queries.INSERT_JOBS,
-                plan_row["id"],
-                self.settings.max_attempts,
-                [target.id for target in targets],
-                payloads,
-                1 if request.await_delivery else 0,  # someone waits: ahead of the backlog
-            )
+        row = await self.pool.fetchrow(
+            queries.CREATE_PLAN,
+            content.id,
+            content.version,
+            agent_id,
+            options,
+            self.settings.max_attempts,
+            [target.id for target in targets],
+            payloads,
+            1 if request.await_delivery else 0,  # someone waits: ahead of the backlog
+        )
         if request.await_delivery:
-            return await self.await_plan(plan_row["id"], AWAIT_DELIVERY_SECONDS)
-        return await self._plan(plan_row["id"])
+            return await self.await_plan(row["id"], AWAIT_DELIVERY_SECONDS)
+        return Plan.model_validate(dict(row))
 
     async def get_plan(self, ref: PlanRef) -> Plan:
         return await self._plan(ref.plan_id)
