@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import ipaddress
 import logging
@@ -27,8 +28,8 @@ def configure_logging(level: str = "INFO") -> None:
 def event_loop_options() -> dict[str, bool]:
     """anyio's asyncio options: uvloop wherever it is installed (it is a dependency, except on Windows).
 
-    Measured on the worker (docs/benchmarks.md), the standard loop's own bookkeeping was a
-    large share of each delivery's CPU time.
+    Measured on the worker and the stdio server (docs/benchmarks.md), the standard loop's own
+    bookkeeping was a large share of each delivery's and each call's CPU time.
     """
     return {"use_uvloop": importlib.util.find_spec("uvloop") is not None}
 
@@ -135,9 +136,10 @@ def mcp_main(argv: list[str] | None = None) -> int:
 
     server = build_server(settings)
     if args.transport == "stdio":
-        server.run("stdio")
+        anyio.run(server.run_stdio_async, backend_options=event_loop_options())
     else:
-        server.run("streamable-http", host=args.host, port=args.port)
+        serve_http = functools.partial(server.run_streamable_http_async, host=args.host, port=args.port)
+        anyio.run(serve_http, backend_options=event_loop_options())
     return 0
 
 

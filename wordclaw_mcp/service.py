@@ -138,7 +138,13 @@ class DistributionService:
         policy = request.transform_policy or TransformPolicy()
         content = await self._content_item(request.content_item_id)
         targets = await self._targets(request.target_ids)
-        payloads = [self.adapters.get(target.channel_type).transform(content, policy) for target in targets]
+        # A transform depends on the channel, the item and the policy, not on the target: each
+        # channel's payload is made once, however many of its targets the plan names.
+        by_channel = {
+            channel_type: self.adapters.get(channel_type).transform(content, policy)
+            for channel_type in {target.channel_type for target in targets}
+        }
+        payloads = [by_channel[target.channel_type] for target in targets]
 
         if request.dry_run:
             return Plan(
