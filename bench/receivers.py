@@ -4,7 +4,8 @@
 
 The receiver answers every POST 200 ``{"ok":true}`` (after ``DELAY`` seconds) and keeps a tally
 per path: POSTs, bytes of body, and distinct ``webhook-id`` headers. A GET on the same path
-returns that tally as JSON, so a benchmark can check that every delivery arrived, once.
+returns that tally as JSON, so a benchmark can check that every delivery arrived, once, with
+the receiver's CPU time so far, so a benchmark can tell what its deliveries cost the receiver.
 
 It runs in a child process so that it shares no interpreter lock with the client being measured.
 The tests' ``WebhookReceiver`` is too slow to be a fast target: it is a ThreadingHTTPServer that
@@ -21,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -53,6 +55,7 @@ class Received:
     posts: int
     distinct_ids: int
     bytes: int
+    cpu_seconds: float  # the receiver process's CPU time so far, all paths together
 
 
 # --- the child ------------------------------------------------------------------------------
@@ -75,7 +78,14 @@ def receiver_app(delay: float) -> Callable[..., Awaitable[None]]:
         path = scope["path"]
         if scope["method"] == "GET":
             tally = tallies.get(path, Tally())
-            body = json.dumps({"posts": tally.posts, "distinctIds": len(tally.ids), "bytes": tally.bytes}).encode()
+            body = json.dumps(
+                {
+                    "posts": tally.posts,
+                    "distinctIds": len(tally.ids),
+                    "bytes": tally.bytes,
+                    "cpuSeconds": time.process_time(),
+                }
+            ).encode()
             headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": body})
@@ -146,7 +156,7 @@ async def received(url: str) -> Received:
     if response.status_code != 200:
         raise BenchmarkFailed(f"the receiver answered GET {url} with {response.status_code}")
     tally = response.json()
-    return Received(tally["posts"], tally["distinctIds"], tally["bytes"])
+    return Received(tally["posts"], tally["distinctIds"], tally["bytes"], tally["cpuSeconds"])
 
 
 async def _wait_until_answering(url: str, log: Path) -> None:

@@ -1,8 +1,9 @@
 """What the benchmarks share: a database of their own for each measurement, a deadline, a stop on
-SIGINT or SIGTERM, and set-up tool calls that must succeed."""
+SIGINT or SIGTERM, set-up tool calls that must succeed, and the CPU time of processes."""
 
 from __future__ import annotations
 
+import os
 import secrets
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -44,6 +45,30 @@ async def scratch_database(admin_url: str, prefix: str) -> AsyncIterator[str]:
                 await admin.execute(queries.drop_database(name))
     finally:
         await admin.close()
+
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """The CPU time (user and system) process ``pid`` has used so far; 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+async def server_cpu(conn: asyncpg.Connection) -> dict[int, float]:
+    """The CPU time so far of every server process on ``conn``'s database (PostgreSQL on this machine)."""
+    rows = await conn.fetch("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
+    return {row["pid"]: cpu_seconds(row["pid"]) for row in rows}
+
+
+def cpu_since(before: dict[int, float], after: dict[int, float]) -> float:
+    """The CPU time the processes in ``after`` used since ``before`` (a new process, since it started)."""
+    return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
 
 
 def with_database(url: str, name: str) -> str:

@@ -48,7 +48,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
@@ -62,7 +62,15 @@ from cryptography.fernet import Fernet
 from pgqueuer import AsyncpgDriver, Job, Queries, QueueManager
 from pgqueuer.domain.types import QueueExecutionMode
 from receivers import Received, end_process, received, receiver_process, receiver_stack
-from scratch import BenchmarkFailed, deadline, scratch_database, until_signalled  # bench/scratch.py
+from scratch import (  # bench/scratch.py
+    BenchmarkFailed,
+    cpu_seconds,
+    cpu_since,
+    deadline,
+    scratch_database,
+    server_cpu,
+    until_signalled,
+)
 
 from queue_worker.adapters import AdapterOptions, AdapterRegistry
 from wordclaw_mcp import queries
@@ -96,11 +104,25 @@ BODY = "# Webhook throughput\n\n" + "Lorem ipsum dolor sit amet, *consectetur* a
 
 
 @dataclass(frozen=True)
+class Cpu:
+    """CPU seconds a drain cost: the delivering process, the database's server processes, the receiver."""
+
+    client: float
+    database: float
+    receiver: float = 0.0
+
+    def per_delivery_us(self, jobs: int) -> tuple[float, float, float, float]:
+        parts = (self.client, self.database, self.receiver)
+        return (*(part / jobs * 1e6 for part in parts), sum(parts) / jobs * 1e6)
+
+
+@dataclass(frozen=True)
 class Measurement:
     system: str  # WORDCLAW, PGQ_TASKS, PGQ_ENTRYPOINT or PLAIN
     jobs: int
     seconds: float
     received: Received
+    cpu: Cpu
     peak_in_flight: int | None = None  # seen by this process; None for the worker in its own process
     peak_rss_mb: float | None = None  # WordClaw's worker only
     startup_seconds: float | None = None  # WordClaw's worker only: spawn to registration, not timed
@@ -191,15 +213,17 @@ async def measure_wordclaw(args: argparse.Namespace, url: str, work: Path) -> Me
         plans = await enqueue_wordclaw(database_url, home, key, url, args.jobs)
         env = worker_env(database_url, home, key, args)
         conn = await asyncpg.connect(database_url)
+        receiver_before = (await received(url)).cpu_seconds
         try:
             with deadline(args.timeout, "wordclaw"):
-                startup, seconds, rss = await drain_with_worker(conn, env, home / "worker.log", args.profile)
+                startup, seconds, rss, cpu = await drain_with_worker(conn, env, home / "worker.log", args.profile)
             await verify_wordclaw(conn, args.jobs, plans)
         finally:
             await conn.close()
         await report_worker_log(home / "worker.log")
     tally = await check_received(WORDCLAW, url, args.jobs)
-    return Measurement(WORDCLAW, args.jobs, seconds, tally, peak_rss_mb=rss, startup_seconds=startup)
+    cpu = replace(cpu, receiver=tally.cpu_seconds - receiver_before)
+    return Measurement(WORDCLAW, args.jobs, seconds, tally, cpu, peak_rss_mb=rss, startup_seconds=startup)
 
 
 async def enqueue_wordclaw(database_url: str, home: Path, key: str, url: str, jobs: int) -> int:
@@ -252,8 +276,11 @@ def signing_secret() -> str:
 
 async def drain_with_worker(
     conn: asyncpg.Connection, env: dict[str, str], log: Path, profile: Path | None
-) -> tuple[float, float, float]:
-    """Spawn ``wordclaw-worker``, wait for it to drain the queue, stop it. (start-up s, drain s, peak RSS MB).
+) -> tuple[float, float, float, Cpu]:
+    """Spawn ``wordclaw-worker``, wait for it to drain the queue, stop it.
+
+    Returns the start-up and drain seconds, the peak RSS in MB, and the CPU the drain cost the
+    worker and the database (this script's polling connection included: ten light queries a second).
 
     With ``profile``, py-spy samples the worker from its registration until it exits, into a
     file of collapsed stacks there (flamegraph.pl or speedscope read it).
@@ -267,9 +294,11 @@ async def drain_with_worker(
         # Its row in `workers` is written just before its first claim: the drain starts there.
         await wait_for(lambda: conn.fetchval(WORKER_REGISTERED), process, log, STARTUP_POLL_INTERVAL)
         sampler = await start_profiler(process.pid, profile) if profile else None
+        worker_before, database_before = cpu_seconds(process.pid), await server_cpu(conn)
         ready = time.perf_counter()
         await wait_for(lambda: drained(conn), process, log, POLL_INTERVAL)
         done = time.perf_counter()
+        cpu = Cpu(cpu_seconds(process.pid) - worker_before, cpu_since(database_before, await server_cpu(conn)))
         rss = peak_rss_mb(process.pid)
     finally:
         await end_process(process, grace=30)  # SIGTERM lets in-flight deliveries finish (20 s grace)
@@ -277,7 +306,7 @@ async def drain_with_worker(
         await sampler.wait()  # py-spy writes its file once the worker has gone
     if process.returncode != 0:
         raise BenchmarkFailed(f"wordclaw-worker exited with {process.returncode} when stopped: {await tail(log)}")
-    return ready - spawned, done - ready, rss
+    return ready - spawned, done - ready, rss, cpu
 
 
 async def start_profiler(pid: int, directory: Path) -> Process:
@@ -388,6 +417,8 @@ async def measure_pgqueuer(args: argparse.Namespace, mode: str, url: str, body: 
                     if status != 200:
                         raise RuntimeError(f"answered {status}")
 
+                receiver_before = (await received(url)).cpu_seconds
+                database_before, client_before = await server_cpu(conn), time.process_time()
                 started = time.perf_counter()
                 with deadline(args.timeout, label(mode, args)):
                     await qm.run(
@@ -396,11 +427,13 @@ async def measure_pgqueuer(args: argparse.Namespace, mode: str, url: str, body: 
                         max_concurrent_tasks=concurrency if mode == PGQ_TASKS else None,
                     )
                 seconds = time.perf_counter() - started
+                cpu = Cpu(time.process_time() - client_before, cpu_since(database_before, await server_cpu(conn)))
             await verify_pgqueuer(conn, pgq, mode, args.jobs, statuses, in_flight.peak, concurrency)
         finally:
             await conn.close()
     tally = await check_received(mode, url, args.jobs)
-    return Measurement(mode, args.jobs, seconds, tally, peak_in_flight=in_flight.peak)
+    cpu = replace(cpu, receiver=tally.cpu_seconds - receiver_before)
+    return Measurement(mode, args.jobs, seconds, tally, cpu, peak_in_flight=in_flight.peak)
 
 
 async def verify_pgqueuer(
@@ -435,17 +468,21 @@ async def measure_plain(args: argparse.Namespace, url: str, body: bytes) -> Meas
             async with in_flight.one():
                 statuses.append(await post(session, url, body, f"{prefix}-{remaining}"))
 
+    receiver_before = (await received(url)).cpu_seconds
     async with http_session(args.concurrency) as session:
+        client_before = time.process_time()
         started = time.perf_counter()
         with deadline(args.timeout, PLAIN):
             async with anyio.create_task_group() as tg:
                 for _ in range(args.concurrency):
                     tg.start_soon(sender, session)
         seconds = time.perf_counter() - started
+        client = time.process_time() - client_before
     if len(statuses) != args.jobs or statuses.count(200) != args.jobs:
         raise BenchmarkFailed(f"plain: {statuses.count(200)} of {len(statuses)} POSTs answered 200, for {args.jobs}")
     tally = await check_received(PLAIN, url, args.jobs)
-    return Measurement(PLAIN, args.jobs, seconds, tally, peak_in_flight=in_flight.peak)
+    cpu = Cpu(client, 0.0, tally.cpu_seconds - receiver_before)
+    return Measurement(PLAIN, args.jobs, seconds, tally, cpu, peak_in_flight=in_flight.peak)
 
 
 # --- checks, the run and the report ---------------------------------------------------------
@@ -541,6 +578,15 @@ def report(results: Sequence[Measurement], args: argparse.Namespace) -> None:
         print("(median of the repeats; in flight: the most POSTs this process had in flight at once)")
     else:
         print("(in flight: the most POSTs this process had in flight at once)")
+
+    print()
+    header = f"{'CPU per delivery, µs (median)':<62} {'deliverer':>9} {'database':>9} {'receiver':>9} {'total':>9}"
+    print(header)
+    print("-" * len(header))
+    for system, runs in grouped.items():
+        figures = [statistics.median(r.cpu.per_delivery_us(r.jobs)[i] for r in runs) for i in range(4)]
+        print(f"{label(system, args):<62} " + " ".join(f"{figure:>9,.0f}" for figure in figures))
+    print("(deliverer: the worker process, or this one for pgqueuer and the plain loop)")
     if WORDCLAW not in rates:
         return
 

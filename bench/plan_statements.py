@@ -1,0 +1,100 @@
+"""What a plan's acceptance costs in the database, statement by statement, against the floor's reads.
+
+    .venv/bin/python bench/plan_statements.py [--calls N] [--database-url URL]
+
+``create_distribution_plan`` runs three statements: it reads the content item and the targets,
+then creates the plan and its jobs with one statement (CREATE_PLAN, with its triggers and a
+durable commit). The floor of bench/plan_acceptance.py, ``get_receipts``, runs two reads
+(GET_PLAN_STATUS, GET_PLAN_RECEIPTS). Each is timed here on its own, one call after another on
+one pooled connection, for a plan of 5 webhook targets, with ``SELECT 1`` as the round trip
+with no work in it. The sum for each tool is the least time a call of it can take before any
+MCP or Python work. Needs a PostgreSQL server it may create databases on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+from cryptography.fernet import Fernet
+from scratch import scratch_database  # bench/scratch.py, beside this script
+
+from wordclaw_mcp import queries
+from wordclaw_mcp.config import Settings
+from wordclaw_mcp.models import ContentItem, TransformPolicy
+from wordclaw_mcp.runtime import Runtime
+
+DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+TARGETS = 5
+WARMUP = 50  # untimed calls first: prepared statements, caches
+
+
+async def time_calls(call: Callable[[], Awaitable[Any]], calls: int) -> float:
+    """Microseconds per call."""
+    for _ in range(WARMUP):
+        await call()
+    started = time.perf_counter()
+    for _ in range(calls):
+        await call()
+    return (time.perf_counter() - started) / calls * 1e6
+
+
+async def run(args: argparse.Namespace) -> None:
+    async with scratch_database(args.database_url, "plan_statements") as url:
+        with tempfile.TemporaryDirectory(prefix="wordclaw-plan-statements-") as home:
+            settings = Settings(
+                database_url=url,
+                home=Path(home),
+                secret_keys=(Fernet.generate_key().decode(),),
+                allow_private_targets=True,
+                run_worker=False,
+            )
+            async with Runtime.open(settings) as runtime, runtime.pool.acquire() as conn:
+                item = await conn.fetchrow(queries.INSERT_CONTENT_ITEM, "Plans", "A *body*.", None, None, {})
+                config = {"url": "http://127.0.0.1:9/"}
+                targets = [
+                    (await conn.fetchrow(queries.INSERT_TARGET, f"t{i}", "webhook", config, None, None, None))["id"]
+                    for i in range(TARGETS)
+                ]
+                content = ContentItem.model_validate(dict(item))
+                payload = runtime.adapters.get("webhook").transform(content, TransformPolicy())
+                plan = await conn.fetchrow(
+                    queries.CREATE_PLAN, item["id"], 1, "bench", {}, 8, targets, [payload] * TARGETS, 0
+                )
+                timed = {
+                    "SELECT 1": lambda: conn.fetchval("SELECT 1"),
+                    "GET_CONTENT_ITEM": lambda: conn.fetchrow(queries.GET_CONTENT_ITEM, item["id"]),
+                    "GET_TARGETS": lambda: conn.fetch(queries.GET_TARGETS, targets),
+                    "CREATE_PLAN": lambda: conn.fetchrow(
+                        queries.CREATE_PLAN, item["id"], 1, "bench", {}, 8, targets, [payload] * TARGETS, 0
+                    ),
+                    "GET_PLAN_STATUS": lambda: conn.fetchval(queries.GET_PLAN_STATUS, plan["id"]),
+                    "GET_PLAN_RECEIPTS": lambda: conn.fetch(queries.GET_PLAN_RECEIPTS, plan["id"]),
+                }
+                figures = {name: await time_calls(call, args.calls) for name, call in timed.items()}
+    for name, figure in figures.items():
+        print(f"{name:<20} {figure:>8,.0f} µs")
+    create = figures["GET_CONTENT_ITEM"] + figures["GET_TARGETS"] + figures["CREATE_PLAN"]
+    floor = figures["GET_PLAN_STATUS"] + figures["GET_PLAN_RECEIPTS"]
+    print(f"create_distribution_plan's statements: {create:,.0f} µs; get_receipts's: {floor:,.0f} µs")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calls", type=int, default=2000, help="timed calls per statement (default 2000)")
+    parser.add_argument("--database-url", default=DEFAULT_URL, help=f"an admin URL (default {DEFAULT_URL})")
+    args = parser.parse_args(argv)
+    if args.calls < 1:
+        parser.error("--calls must be at least 1")
+    anyio.run(run, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
