@@ -19,7 +19,7 @@ Each runs with the worker inside the server (``--with-worker``) and with a separ
 ``wordclaw-worker`` process beside ``wordclaw-mcp --no-worker`` (``--modes``).
 
 The floor, in the same run and against the same fast receiver: one INSERT, one POST with an
-``queue_worker.http.HttpClient`` (the worker's HTTP layer) and one UPDATE, on a small table of the
+``wordclaw_mcp.http.HttpClient`` (the worker's HTTP layer) and one UPDATE, on a small table of the
 scenario's database, on the idle queue and again while the backlog drains.
 
 Receivers are small uvicorn apps in child processes on 127.0.0.1. ``WebhookReceiver`` (the
@@ -263,7 +263,7 @@ async def measure_floor(label: str, database_url: str, url: str, payload: dict[s
     conn = await connect(database_url)
     try:
         await conn.execute(FLOOR_TABLE)
-        # The worker's own HTTP layer, as the webhook adapter uses it (queue_worker/http.py).
+        # The worker's own HTTP layer, as the webhook adapter uses it (wordclaw_mcp/http.py).
         http = AdapterOptions(allow_private_targets=True, timeout=15.0).http_client()
         try:
             for index in range(args.warmup + args.floor_samples):

@@ -8,7 +8,7 @@ with the headers a webhook delivery carries:
 - httpx: a plain ``httpx.AsyncClient``;
 - httpx-aiohttp: httpx over the aiohttp transport (``httpx_aiohttp.HttpxAiohttpClient``);
 - aiohttp: a plain ``aiohttp.ClientSession``;
-- layer: ``queue_worker.http.HttpClient.request``, as the webhook adapter calls it: the SSRF
+- layer: ``wordclaw_mcp.http.HttpClient.request``, as the webhook adapter calls it: the SSRF
   resolver on (the URL names ``localhost``, so it is resolved and checked), ``allow_private``
   on because the receiver is loopback, a deadline and a bounded read per request;
 - webhook adapter: ``WebhookAdapter.deliver`` on that layer, which adds JSON encoding of the
@@ -54,7 +54,7 @@ from scratch import BenchmarkFailed, deadline  # bench/scratch.py, beside this s
 
 from queue_worker.adapters import AdapterOptions, DeliveryTarget, WebhookAdapter
 from queue_worker.adapters.webhook import USER_AGENT
-from queue_worker.http import HttpClient
+from wordclaw_mcp.http import HttpClient
 
 SCRIPT = os.path.abspath(__file__)
 TIMEOUT = 15.0

@@ -17,12 +17,11 @@ import asyncpg
 import pytest
 from mcp import Client, StdioServerParameters
 
-from queue_worker.adapters import ratelimit
 from queue_worker.worker import THROTTLED_TOO_LONG, Worker
 from tests.helpers import call, eventually, publish, waiting_for_a_lock
 from tests.test_processes import BIN, _final, external_database_env, worker_process
 from tests.test_worker import plan_of, running, tuned
-from wordclaw_mcp import queries
+from wordclaw_mcp import queries, ratelimit
 from wordclaw_mcp.models import CreateDistributionPlanInput, PlanRef, RegisterTargetInput, UpsertContentItemInput
 from wordclaw_mcp.receiver import WebhookReceiver
 from wordclaw_mcp.runtime import Runtime

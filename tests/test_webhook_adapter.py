@@ -27,11 +27,11 @@ from queue_worker.adapters import (
     truncate,
 )
 from queue_worker.adapters.webhook import RESPONSE_BODY_LIMIT
-from queue_worker.http import CheckedResolver, DeadlineExceeded, HttpClient, TargetRefused
 from queue_worker.retry import SCHEDULE_SECONDS, retry_delay
 from tests.helpers import new_signing_secret
 from wordclaw_mcp import netguard
 from wordclaw_mcp.errors import DistributionError
+from wordclaw_mcp.http import CheckedResolver, DeadlineExceeded, HttpClient, TargetRefused
 from wordclaw_mcp.models import ContentItem, TransformPolicy
 from wordclaw_mcp.receiver import WebhookReceiver
 
@@ -353,7 +353,7 @@ async def test_a_silent_address_does_not_use_up_the_deadline_of_the_next(receive
     assert len(receiver.requests) == 1
 
 
-# --- the HTTP layer (queue_worker/http.py) -----------------------------------------------------
+# --- the HTTP layer (wordclaw_mcp/http.py) -----------------------------------------------------
 
 
 async def test_the_resolver_refuses_a_name_whose_answer_turns_private_after_passing() -> None:

@@ -14,8 +14,8 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy: the service depends on queue_worker's adapters, which depend on this package's
-    # models and errors, so importing the service here eagerly would be circular.
+    # Lazy: ``import wordclaw_mcp`` stays cheap for the settings and errors alone, without
+    # the database driver, the HTTP client and the MCP SDK the service and server bring.
     if name == "DistributionService":
         from .service import DistributionService
 

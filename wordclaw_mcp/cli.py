@@ -16,6 +16,7 @@ import anyio
 from .config import Settings
 from .database import apply_schema, create_pool_for, resolve_url
 from .errors import DistributionError
+from .runtime import worker_component
 
 
 def configure_logging(level: str = "INFO") -> None:
@@ -181,8 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "mcp":
         return mcp_main(rest)
     if args.command == "worker":
-        from queue_worker.cli import main as worker_main
-
+        try:
+            worker_main = worker_component("cli")
+        except DistributionError as exc:
+            return report_failure("wordclaw worker", exc)
         return worker_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

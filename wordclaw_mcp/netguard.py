@@ -1,7 +1,7 @@
 """Refuse target URLs that reach loopback, private or otherwise non-public addresses.
 
 Checked twice: when a target is registered (so a bad URL fails fast), and at delivery by the
-worker's HTTP client (queue_worker/http.py), whose resolver hands its connections only addresses
+worker's HTTP client (wordclaw_mcp/http.py), whose resolver hands its connections only addresses
 that ``check_address`` passed, so DNS cannot change between check and use.
 """
 

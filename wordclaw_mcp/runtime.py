@@ -5,13 +5,15 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any
 
 import asyncpg
 
-from queue_worker.adapters import AdapterOptions, AdapterRegistry
-
+from .adapters import AdapterOptions, AdapterRegistry
 from .config import Settings
 from .database import open_pool
+from .errors import DistributionError
 from .notifications import Notifications
 from .secrets import SecretBox
 
@@ -44,3 +46,21 @@ class Runtime:
             await notifications.close()
             await adapters.aclose()
             await pool.close()
+
+
+WORKER_ENTRY_POINT_GROUP = "wordclaw.worker"
+
+
+def worker_component(name: str) -> Any:
+    """The installed worker's ``daemon`` (its class) or ``cli`` (its main).
+
+    Found, like the adapters, through an entry-point group, so that the core and its surfaces
+    never import the worker package.
+    """
+    for entry_point in entry_points(group=WORKER_ENTRY_POINT_GROUP, name=name):
+        return entry_point.load()
+    raise DistributionError(
+        "WORKER_NOT_INSTALLED",
+        f"No worker is installed (entry point {name!r} in group {WORKER_ENTRY_POINT_GROUP!r}).",
+        "Install the wordclaw-distribution package (pip install wordclaw-distribution), which brings its worker.",
+    )

@@ -32,7 +32,7 @@ from .models import (
     TargetList,
     UpsertContentItemInput,
 )
-from .runtime import Runtime
+from .runtime import Runtime, worker_component
 from .service import DistributionService
 
 log = logging.getLogger(__name__)
@@ -213,10 +213,8 @@ def build_server(settings: Settings | None = None) -> WordClawServer:
             if not settings.worker_in_server:
                 yield service
                 return
-            from queue_worker.worker import Worker
-
-            worker = Worker(runtime)
             try:
+                worker = worker_component("daemon")(runtime)
                 await worker.check_secret_keys()
             except DistributionError as exc:
                 # The tools still work; delivery waits for a worker that holds the right key.

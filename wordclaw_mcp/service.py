@@ -79,7 +79,7 @@ class DistributionService:
                     "Call register_target again without secrets.",
                 )
             validated = _validate_part(adapter.secrets_model, request.secrets, "secrets", "INVALID_TARGET_SECRETS")
-            secrets = validated.model_dump(by_alias=True)
+            secrets = validated.model_dump(mode="json", by_alias=True)
         await adapter.check_target(config)
         # Secret parts of the config (a token in a URL) are encrypted with the secrets, and only
         # the redacted rest is stored in clear and shown.

@@ -13,12 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
 from pydantic.alias_generators import to_camel
 from standardwebhooks import Webhook
 
-from queue_worker import http
-from wordclaw_mcp import netguard, redaction
-from wordclaw_mcp.models import ContentItem, TransformPolicy
-
-from . import ratelimit
-from .base import (
+from wordclaw_mcp import http, netguard, ratelimit, redaction
+from wordclaw_mcp.adapters import (
     Adapter,
     DeliveryResult,
     DeliveryTarget,
@@ -27,6 +23,7 @@ from .base import (
     delivery_progress,
     render_content,
 )
+from wordclaw_mcp.models import ContentItem, TransformPolicy
 
 USER_AGENT = "WordClaw-Distribution/0.1 (+webhook)"
 RESPONSE_BODY_LIMIT = http.DEFAULT_BODY_LIMIT
@@ -109,7 +106,7 @@ class WebhookAdapter(Adapter):
             headers["webhook-signature"] = Webhook(signing_secret).sign(message_id, sent_at, body)
 
         started = time.monotonic()
-        # The address is checked as the connection opens (queue_worker/http.py), so from here on
+        # The address is checked as the connection opens (wordclaw_mcp/http.py), so from here on
         # the request may be on its way.
         delivery_progress.set(Progress.MAYBE_SENT)
         try:

@@ -1,21 +1,34 @@
-"""The adapter interface: turn a content item into a channel's payload, then deliver it."""
+"""Channel adapters: the interface every channel implements, and the registry that finds them.
+
+An adapter turns a content item into its channel's payload, then delivers it. Implementations
+live outside the core (the built-ins in ``queue_worker/adapters/``, others in their own
+packages) and are found through the ``wordclaw.adapters`` entry-point group, the built-ins
+included, so the core never imports them.
+"""
 
 from __future__ import annotations
 
 import enum
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
+from importlib.metadata import entry_points
 from typing import Any, ClassVar
 from uuid import UUID
 
 from markdown_it import MarkdownIt
 from pydantic import BaseModel
 
-from queue_worker.http import DEFAULT_LIMIT, DEFAULT_LIMIT_PER_HOST, HttpClient
-from wordclaw_mcp.models import ContentItem, TransformPolicy
+from .errors import DistributionError
+from .http import DEFAULT_LIMIT, DEFAULT_LIMIT_PER_HOST, HttpClient
+from .models import ContentItem, TransformPolicy
+
+ENTRY_POINT_GROUP = "wordclaw.adapters"
+
+log = logging.getLogger(__name__)
 
 _markdown = MarkdownIt("commonmark")
 
@@ -190,3 +203,60 @@ def render_content(content: ContentItem, policy: TransformPolicy) -> dict[str, A
     if policy.include_metadata:
         rendered["metadata"] = content.metadata
     return rendered
+
+
+def adapter_classes() -> dict[str, type[Adapter]]:
+    """Every installed adapter by channel type: the ``wordclaw.adapters`` entry points.
+
+    One that cannot be loaded, or is not an adapter, is logged and left out rather than
+    stopping the process: the other channels still work.
+    """
+    classes: dict[str, type[Adapter]] = {}
+    for entry_point in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            cls = entry_point.load()
+        except Exception:
+            log.exception("adapter entry point %s could not be loaded; skipping it", entry_point.name)
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, Adapter)):
+            log.error("adapter entry point %s (%s) is not an Adapter; skipping it", entry_point.name, entry_point.value)
+            continue
+        classes[cls.channel_type] = cls
+    return classes
+
+
+class AdapterRegistry:
+    """One instance of each adapter, shared by the plans service and the worker."""
+
+    def __init__(self, options: AdapterOptions | None = None) -> None:
+        options = options or AdapterOptions()
+        # One HTTP client for every channel, so the process has one connection pool and one
+        # limit on connections, whatever the channels.
+        self.http = options.http_client()
+        self._adapters = {name: cls(options) for name, cls in adapter_classes().items()}
+        for adapter in self._adapters.values():
+            adapter.http = self.http
+
+    def register(self, adapter: Adapter) -> None:
+        """Add or replace the adapter for its channel type (for embedding and benchmarks)."""
+        self._adapters[adapter.channel_type] = adapter
+
+    @property
+    def channel_types(self) -> list[str]:
+        return sorted(self._adapters)
+
+    def get(self, channel_type: str) -> Adapter:
+        try:
+            return self._adapters[channel_type]
+        except KeyError:
+            raise DistributionError(
+                "UNSUPPORTED_CHANNEL_TYPE",
+                f"No adapter handles channel type {channel_type!r}.",
+                f"Use one of: {', '.join(self.channel_types)}.",
+                supportedChannelTypes=self.channel_types,
+            ) from None
+
+    async def aclose(self) -> None:
+        for adapter in self._adapters.values():
+            await adapter.aclose()
+        await self.http.aclose()

@@ -1,7 +1,7 @@
 """What an HTTP channel's answer says about slowing down: Retry-After and rate-limit headers.
 
 Headers are looked up by their lower-case names: pass an answer's own headers (``Answer.headers``
-from queue_worker/http.py, which are case-insensitive) or a plain mapping with lower-case keys.
+from wordclaw_mcp/http.py, which are case-insensitive) or a plain mapping with lower-case keys.
 """
 
 from __future__ import annotations

@@ -32,8 +32,8 @@ import certifi
 import yarl
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from wordclaw_mcp import netguard, redaction
-from wordclaw_mcp.errors import DistributionError
+from . import netguard, redaction
+from .errors import DistributionError
 
 # What a receipt keeps of a body, and so all that is read by default: a body could be endless.
 DEFAULT_BODY_LIMIT = 2048
