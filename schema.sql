@@ -59,7 +59,9 @@ CREATE TABLE IF NOT EXISTS distribution_targets (
     max_concurrency    integer CHECK (max_concurrency > 0),
     rate_per_minute    double precision CHECK (rate_per_minute > 0),
     rate_tokens        double precision,
-    rate_updated_at    timestamptz
+    rate_updated_at    timestamptz,
+    -- The target's default transform policy (TransformPolicy, as JSON); a plan's wins field by field.
+    transform_policy   jsonb
 );
 
 CREATE TABLE IF NOT EXISTS distribution_plans (

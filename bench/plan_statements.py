@@ -59,7 +59,9 @@ async def run(args: argparse.Namespace) -> None:
                 item = await conn.fetchrow(queries.INSERT_CONTENT_ITEM, "Plans", "A *body*.", None, None, {})
                 config = {"url": "http://127.0.0.1:9/"}
                 targets = [
-                    (await conn.fetchrow(queries.INSERT_TARGET, f"t{i}", "webhook", config, None, None, None))["id"]
+                    (await conn.fetchrow(queries.INSERT_TARGET, f"t{i}", "webhook", config, None, None, None, None))[
+                        "id"
+                    ]
                     for i in range(TARGETS)
                 ]
                 content = ContentItem.model_validate(dict(item))

@@ -181,7 +181,7 @@ async def enqueue_wordclaw(runtime: Runtime, adapter: NoopAdapter, config: Confi
     content = ContentItem.model_validate(dict(row))
     payload = adapter.transform(content, TransformPolicy())
     options = {"transformPolicy": TransformPolicy().model_dump(mode="json", by_alias=True)}
-    target_row = await pool.fetchrow(queries.INSERT_TARGET, "noop-target", NOOP, {}, None, None, None)
+    target_row = await pool.fetchrow(queries.INSERT_TARGET, "noop-target", NOOP, {}, None, None, None, None)
     target_id: UUID = target_row["id"]
 
     sizes = [config.plan_size] * (config.jobs // config.plan_size)

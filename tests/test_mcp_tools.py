@@ -22,7 +22,15 @@ pytestmark = pytest.mark.anyio
 
 TOOL_ARGUMENTS = {
     "upsert_content_item": {"id", "title", "body", "summary", "canonicalUrl", "metadata"},
-    "register_target": {"name", "channelType", "config", "secrets", "maxConcurrency", "ratePerMinute"},
+    "register_target": {
+        "name",
+        "channelType",
+        "config",
+        "secrets",
+        "maxConcurrency",
+        "ratePerMinute",
+        "transformPolicy",
+    },
     "list_targets": set(),
     "create_distribution_plan": {"contentItemId", "targetIds", "transformPolicy", "awaitDelivery", "dryRun"},
     "get_plan": {"planId"},
@@ -101,6 +109,8 @@ async def test_dry_run_returns_payloads_and_queues_nothing(
     [only] = preview["previews"]
     assert only["targetId"] == target["id"] and only["channelType"] == "webhook"
     assert only["payload"]["data"]["body"] == "<p>We…</p>\n"
+    # What was counted against what, and where the text was cut (in its Markdown source).
+    assert (only["length"], only["limit"], only["truncated"], only["cutAt"]) == (3, 5, True, 2)
     conn = await asyncpg.connect(settings.database_url)
     try:
         assert await conn.fetchval("SELECT count(*) FROM distribution_plans") == 0
@@ -108,6 +118,39 @@ async def test_dry_run_returns_payloads_and_queues_nothing(
     finally:
         await conn.close()
     assert receiver.requests == []
+
+
+async def test_a_targets_default_policy_applies_and_a_plans_policy_wins_field_by_field(
+    mcp_client_no_worker: Client, receiver: WebhookReceiver
+) -> None:
+    default = {"outputFormat": "html", "hashtags": ["#news"], "utm": {"source": "hook"}}
+    item, target = await content_and_target(mcp_client_no_worker, receiver.url, transformPolicy=default)
+    shown = target["transformPolicy"]
+    assert (shown["outputFormat"], shown["hashtags"], shown["utm"]) == ("html", ["news"], {"source": "hook"})
+
+    async def data(policy: dict | None) -> dict:
+        extra = {"transformPolicy": policy} if policy is not None else {}
+        plan = await call(
+            mcp_client_no_worker,
+            "create_distribution_plan",
+            contentItemId=item["id"],
+            targetIds=[target["id"]],
+            dryRun=True,
+            **extra,
+        )
+        return plan["previews"][0]["payload"]["data"]
+
+    alone = await data(None)
+    assert (alone["bodyFormat"], alone["body"], alone["hashtags"]) == (
+        "html",
+        "<p>We <strong>shipped</strong>.</p>\n",
+        ["news"],
+    )
+    over = await data({"outputFormat": "plaintext", "hashtags": []})
+    assert (over["bodyFormat"], over["body"]) == ("plaintext", "We shipped.")
+    assert "hashtags" not in over, "the plan's empty list wins over the target's"
+    # Fields the plan does not set keep the target's: here the output format.
+    assert (await data({"maxLength": 100}))["bodyFormat"] == "html"
 
 
 async def test_cancel_plan_cancels_queued_jobs(mcp_client_no_worker: Client, receiver: WebhookReceiver) -> None:

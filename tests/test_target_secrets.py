@@ -121,7 +121,7 @@ async def test_targets_stored_before_urls_were_sealed_are_listed_redacted_and_st
     full_path = f"/hooks/wordclaw?token={token}"
     # A row as register_target wrote it before: the whole URL in config_json, no secrets.
     row = await db.fetchrow(
-        queries.INSERT_TARGET, "legacy", "webhook", {"url": endpoint(receiver) + full_path}, None, None, None
+        queries.INSERT_TARGET, "legacy", "webhook", {"url": endpoint(receiver) + full_path}, None, None, None, None
     )
 
     listed = (await service.list_targets()).targets

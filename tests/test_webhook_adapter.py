@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 import anyio
 import pytest
 import trustme
+from pydantic import ValidationError
 from standardwebhooks import Webhook
 
 from queue_worker.adapters import (
@@ -24,7 +25,6 @@ from queue_worker.adapters import (
     Progress,
     WebhookAdapter,
     delivery_progress,
-    truncate,
 )
 from queue_worker.adapters.webhook import RESPONSE_BODY_LIMIT
 from queue_worker.retry import SCHEDULE_SECONDS, retry_delay
@@ -674,12 +674,50 @@ def test_transform_policy_can_send_an_excerpt_only() -> None:
     assert data["canonicalUrl"] == "https://example.com/t"
 
 
-def test_truncation_breaks_at_a_word_and_respects_the_limit() -> None:
-    text = "one two three four five six"
-    assert truncate(text, 100) == text
-    cut = truncate(text, 12)
-    assert cut == "one two…" and len(cut) <= 12
-    assert truncate("x" * 50, 10) == "x" * 9 + "…"
+def test_plain_text_keeps_link_targets() -> None:
+    item = content().model_copy(update={"body": "Read [the post](https://e.com/p) **now**."})
+    data = WebhookAdapter().transform(item, TransformPolicy(output_format="plaintext"))["data"]
+    assert (data["body"], data["bodyFormat"]) == ("Read the post (https://e.com/p) now.", "plaintext")
+
+
+def test_an_excerpt_is_the_summary_or_the_bodys_opening_never_the_whole_body() -> None:
+    item = content().model_copy(update={"body": "First paragraph.\n\nSecond, longer paragraph."})
+    assert WebhookAdapter().transform(item, TransformPolicy(excerpt_only=True))["data"]["body"] == "S"
+    no_summary = item.model_copy(update={"summary": None})
+    assert WebhookAdapter().transform(no_summary, TransformPolicy(excerpt_only=True))["data"]["body"] == (
+        "First paragraph."
+    )
+
+
+def test_the_canonical_link_carries_utm_parameters_or_is_left_out() -> None:
+    item = content().model_copy(update={"canonical_url": "https://example.com/t?id=7&utm_source=old"})
+    policy = TransformPolicy(utm={"source": "mastodon", "campaign": "launch"})
+    link = WebhookAdapter().transform(item, policy)["data"]["canonicalUrl"]
+    assert link == "https://example.com/t?id=7&utm_source=mastodon&utm_campaign=launch"
+    assert (
+        WebhookAdapter().transform(item, TransformPolicy(include_canonical_url=False))["data"]["canonicalUrl"] is None
+    )
+
+
+def test_attribution_and_hashtags_are_added_when_asked() -> None:
+    item = content().model_copy(update={"metadata": {"author": "Ada", "license": "CC BY 4.0"}})
+    data = WebhookAdapter().transform(item, TransformPolicy(include_attribution=True, hashtags=["#launch", "news"]))
+    assert (data["data"]["attribution"], data["data"]["hashtags"]) == ("By Ada · CC BY 4.0", ["launch", "news"])
+    assert "attribution" not in WebhookAdapter().transform(item, TransformPolicy())["data"]
+
+
+@pytest.mark.parametrize(
+    ("policy", "mentions"),
+    [
+        ({"utm": {"sauce": "x"}}, "unknown UTM parameter"),
+        ({"hashtags": ["two words"]}, "hashtags are letters"),
+        ({"outputFormat": "pdf"}, "outputFormat"),
+        ({"maxLength": 0}, "maxLength"),
+    ],
+)
+def test_a_bad_policy_is_refused_naming_the_field(policy: dict, mentions: str) -> None:
+    with pytest.raises(ValidationError, match=mentions):
+        TransformPolicy.model_validate(policy)
 
 
 def test_retry_delays_follow_the_schedule_with_bounded_jitter() -> None:

@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from uuid import UUID
 
-from markdown_it import MarkdownIt
 from pydantic import BaseModel
 
+from . import text
 from .errors import DistributionError
 from .http import DEFAULT_LIMIT, DEFAULT_LIMIT_PER_HOST, HttpClient
 from .models import ContentItem, TransformPolicy
@@ -29,8 +30,6 @@ from .models import ContentItem, TransformPolicy
 ENTRY_POINT_GROUP = "wordclaw.adapters"
 
 log = logging.getLogger(__name__)
-
-_markdown = MarkdownIt("commonmark")
 
 
 @dataclass(frozen=True)
@@ -156,6 +155,12 @@ class Adapter(ABC):
     def transform(self, content: ContentItem, policy: TransformPolicy) -> dict[str, Any]:
         """The payload for this channel. It is snapshotted when the job is queued."""
 
+    def fit(self, content: ContentItem, policy: TransformPolicy) -> text.Cut | None:
+        """How the payload's text fits the channel's limit, for a dry run to show; None when the
+        channel has no limit and the policy sets none. The default measures the body against
+        the policy's ``maxLength``."""
+        return body_cut(content, policy)
+
     @abstractmethod
     async def deliver(
         self, payload: dict[str, Any], target: DeliveryTarget, *, message_id: str | None = None
@@ -172,34 +177,73 @@ class Adapter(ABC):
             await self._http.aclose()
 
 
+def body_source(content: ContentItem, policy: TransformPolicy) -> str:
+    """The Markdown a body is made from: the whole body or, with ``excerptOnly``, the summary, else
+    the body's first paragraph; never the full body."""
+    if not policy.excerpt_only:
+        return content.body
+    return content.summary or content.body.strip().split("\n\n", 1)[0]
+
+
+def body_cut(content: ContentItem, policy: TransformPolicy) -> text.Cut | None:
+    """The body cut to the policy's ``maxLength`` (in characters, at the end of a word), if it sets one.
+
+    Markdown and HTML bodies are cut in their Markdown source (HTML cannot be cut safely);
+    plain text is cut as it is sent.
+    """
+    if not policy.max_length:
+        return None
+    source = body_source(content, policy)
+    if policy.output_format == "plaintext":
+        source = text.markdown_to_text(source)
+    return text.cut(source, text.Limit("characters", policy.max_length))
+
+
 def render_body(content: ContentItem, policy: TransformPolicy) -> str:
-    body = truncate(content.body, policy.max_length) if policy.max_length else content.body
-    return _markdown.render(body) if policy.body_format == "html" else body
+    fitted = body_cut(content, policy)
+    if policy.output_format == "plaintext":
+        return fitted.text if fitted else text.markdown_to_text(body_source(content, policy))
+    markdown = fitted.text if fitted else body_source(content, policy)
+    return text.markdown_to_html(markdown) if policy.output_format == "html" else markdown
 
 
-def truncate(text: str, limit: int, ellipsis: str = "…") -> str:
-    if len(text) <= limit:
-        return text
-    cut = text[: max(limit - len(ellipsis), 0)]
-    # Break at a word boundary unless that throws away most of the allowance.
-    space = cut.rfind(" ")
-    if space >= limit // 2:
-        cut = cut[:space]
-    return cut.rstrip() + ellipsis
+def canonical_link(content: ContentItem, policy: TransformPolicy) -> str | None:
+    """The item's canonical URL with the policy's UTM parameters, or None if it is not to be sent."""
+    if not (policy.include_canonical_url and content.canonical_url):
+        return None
+    if not policy.utm:
+        return content.canonical_url
+    parts = urlsplit(content.canonical_url)
+    query = [
+        (key, value) for key, value in parse_qsl(parts.query, keep_blank_values=True) if not key.startswith("utm_")
+    ]
+    query += [(f"utm_{key}", value) for key, value in policy.utm.items()]
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def attribution(content: ContentItem) -> str | None:
+    """ "By <author> · <license>", from the item's metadata, as far as it has them."""
+    author, license_ = content.metadata.get("author"), content.metadata.get("license")
+    parts = [f"By {author}" if author else None, str(license_) if license_ else None]
+    return " · ".join(part for part in parts if part) or None
 
 
 def render_content(content: ContentItem, policy: TransformPolicy) -> dict[str, Any]:
-    """The channel-neutral rendering every adapter starts from."""
+    """The channel-neutral rendering every adapter starts from (the webhook sends it as it is)."""
     rendered: dict[str, Any] = {
         "contentItemId": str(content.id),
         "version": content.version,
         "title": content.title,
         "summary": content.summary,
-        "canonicalUrl": content.canonical_url,
+        "canonicalUrl": canonical_link(content, policy),
     }
     if policy.include_body:
         rendered["body"] = render_body(content, policy)
-        rendered["bodyFormat"] = policy.body_format
+        rendered["bodyFormat"] = policy.output_format
+    if policy.include_attribution and (line := attribution(content)):
+        rendered["attribution"] = line
+    if policy.hashtags:
+        rendered["hashtags"] = policy.hashtags
     if policy.include_metadata:
         rendered["metadata"] = content.metadata
     return rendered

@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, HttpUrl, field_validator
+from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, HttpUrl, field_validator
 from pydantic.alias_generators import to_camel
 
 PlanStatus = Literal["queued", "running", "succeeded", "partial", "failed", "cancelled"]
@@ -80,6 +80,60 @@ class ContentItem(ApiModel):
 # --- targets --------------------------------------------------------------------------------
 
 
+UTM_KEYS = ("source", "medium", "campaign", "term", "content")
+_HASHTAG = re.compile(r"^\w{1,100}$")
+
+
+def _utm_keys(utm: dict[str, str] | None) -> dict[str, str] | None:
+    if utm is not None and (unknown := sorted(set(utm) - set(UTM_KEYS))):
+        raise ValueError(f"unknown UTM parameter(s) {unknown}; use {', '.join(UTM_KEYS)}")
+    return utm
+
+
+def _hashtags(tags: list[str]) -> list[str]:
+    tags = [tag.removeprefix("#") for tag in tags]
+    if bad := [tag for tag in tags if not _HASHTAG.match(tag)]:
+        raise ValueError(f"hashtags are letters, digits and underscores only: {bad}")
+    return tags
+
+
+class TransformPolicy(InputModel):
+    """How an item becomes a channel's post. A target may hold one as its default; a plan's
+    policy wins over it field by field (only the fields the plan sets)."""
+
+    output_format: Literal["markdown", "html", "plaintext"] = Field(
+        "markdown",
+        validation_alias=AliasChoices("outputFormat", "output_format", "bodyFormat", "body_format"),
+        description="The body as Markdown, as HTML (raw HTML escaped, unsafe links dropped), or as plain "
+        "text that keeps link targets. `bodyFormat` is accepted as an older name for it.",
+    )
+    max_length: Annotated[int | None, Field(ge=1, le=1_000_000)] = Field(
+        None,
+        description="Cut the text to this length, at the end of a word, with an ellipsis. Defaults to the "
+        "channel's limit (none for webhooks); counted as the channel counts.",
+    )
+    excerpt_only: bool = Field(False, description="Send the summary, or the body's opening, never the full body.")
+    include_canonical_url: bool = Field(True, description="Send the item's canonical link (kept after a cut).")
+    include_attribution: bool = Field(
+        False, description="Add an attribution line from the item's metadata `author` and `license`."
+    )
+    utm: Annotated[dict[str, str] | None, AfterValidator(_utm_keys)] = Field(
+        None, description='UTM parameters added to the canonical link, e.g. {"source": "mastodon"}.'
+    )
+    hashtags: Annotated[list[str], Field(max_length=30), AfterValidator(_hashtags)] = Field(
+        default_factory=list, description="Hashtags to add, with or without '#'."
+    )
+    include_body: bool = Field(True, description="False sends title, summary and link only.")
+    include_metadata: bool = True
+
+    def over(self, default: TransformPolicy | None) -> TransformPolicy:
+        """This policy on top of a target's ``default``: the fields set here win."""
+        if default is None:
+            return self
+        merged = default.model_dump(exclude_unset=True) | self.model_dump(exclude_unset=True)
+        return TransformPolicy.model_validate(merged)
+
+
 class RegisterTargetInput(InputModel):
     name: Annotated[str, Field(min_length=1, max_length=200, description="Unique among targets.")]
     channel_type: str = Field(description="The adapter, e.g. 'webhook'.")
@@ -101,6 +155,9 @@ class RegisterTargetInput(InputModel):
         description="The most deliveries to this target per minute, across every worker (a token bucket "
         "holding a minute's worth). Omit for the channel's default (none for webhooks).",
     )
+    transform_policy: TransformPolicy | None = Field(
+        None, description="This target's default transform policy; a plan's policy wins over it field by field."
+    )
 
 
 class Target(ApiModel):
@@ -114,6 +171,7 @@ class Target(ApiModel):
     created_at: datetime
     max_concurrency: int | None = None
     rate_per_minute: float | None = None
+    transform_policy: TransformPolicy | None = None
 
 
 class TargetList(ApiModel):
@@ -121,13 +179,6 @@ class TargetList(ApiModel):
 
 
 # --- plans ----------------------------------------------------------------------------------
-
-
-class TransformPolicy(InputModel):
-    body_format: Literal["markdown", "html"] = "markdown"
-    max_length: Annotated[int | None, Field(ge=1, description="Truncate the body to this many characters.")] = None
-    include_body: bool = Field(True, description="False sends title, summary and link only.")
-    include_metadata: bool = True
 
 
 def _distinct(ids: list[UUID]) -> list[UUID]:
@@ -190,7 +241,11 @@ class Receipt(ApiModel):
 class Preview(ApiModel):
     target_id: UUID
     channel_type: str
-    payload: dict[str, Any]
+    payload: dict[str, Any] = Field(description="Exactly what would be sent.")
+    length: int | None = Field(None, description="The text's length, counted as the channel counts.")
+    limit: int | None = Field(None, description="The most the channel (or the policy's maxLength) allows.")
+    truncated: bool = Field(False, description="Whether the text was cut to fit.")
+    cut_at: int | None = Field(None, description="Where in the text it was cut, in characters.")
 
 
 class Plan(ApiModel):

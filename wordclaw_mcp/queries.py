@@ -59,12 +59,13 @@ GET_CONTENT_ITEM = f"SELECT {_CONTENT_COLUMNS} FROM content_items WHERE id = $1"
 
 _TARGET_COLUMNS = """
     id, name, channel_type, config_json AS config, secret_ciphertext IS NOT NULL AS has_secrets,
-    active, suspended_until, created_at, max_concurrency, rate_per_minute
+    active, suspended_until, created_at, max_concurrency, rate_per_minute, transform_policy
 """
 
 INSERT_TARGET = f"""
-INSERT INTO distribution_targets (name, channel_type, config_json, secret_ciphertext, max_concurrency, rate_per_minute)
-VALUES ($1, $2, $3, $4, $5, $6)
+INSERT INTO distribution_targets
+    (name, channel_type, config_json, secret_ciphertext, max_concurrency, rate_per_minute, transform_policy)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
 ON CONFLICT (name) DO NOTHING
 RETURNING {_TARGET_COLUMNS}
 """

@@ -93,6 +93,10 @@ class DistributionService:
             self.runtime.secrets.encrypt(secrets) if secrets else None,
             request.max_concurrency or adapter.default_max_concurrency,
             request.rate_per_minute or adapter.default_rate_per_minute,
+            # Only the fields given, so that a plan's policy can win over them one by one.
+            request.transform_policy.model_dump(mode="json", by_alias=True, exclude_unset=True)
+            if request.transform_policy
+            else None,
         )
         if row is None:
             raise errors.DistributionError(
@@ -138,13 +142,16 @@ class DistributionService:
         policy = request.transform_policy or TransformPolicy()
         content = await self._content_item(request.content_item_id)
         targets = await self._targets(request.target_ids)
+        policies = [policy.over(target.transform_policy) for target in targets]
         # A transform depends on the channel, the item and the policy, not on the target: each
-        # channel's payload is made once, however many of its targets the plan names.
-        by_channel = {
-            channel_type: self.adapters.get(channel_type).transform(content, policy)
-            for channel_type in {target.channel_type for target in targets}
-        }
-        payloads = [by_channel[target.channel_type] for target in targets]
+        # is made once, however many targets of one channel and policy the plan names.
+        made: dict[tuple[str, str], dict[str, Any]] = {}
+        payloads = []
+        for target, effective in zip(targets, policies, strict=True):
+            key = (target.channel_type, effective.model_dump_json())
+            if key not in made:
+                made[key] = self.adapters.get(target.channel_type).transform(content, effective)
+            payloads.append(made[key])
 
         if request.dry_run:
             return Plan(
@@ -153,8 +160,8 @@ class DistributionService:
                 content_version=content.version,
                 status="dry_run",
                 previews=[
-                    Preview(target_id=target.id, channel_type=target.channel_type, payload=payload)
-                    for target, payload in zip(targets, payloads, strict=True)
+                    self._preview(target, payload, content, effective)
+                    for target, payload, effective in zip(targets, payloads, policies, strict=True)
                 ],
             )
 
@@ -173,6 +180,19 @@ class DistributionService:
         if request.await_delivery:
             return await self.await_plan(row["id"], AWAIT_DELIVERY_SECONDS)
         return Plan.model_validate(dict(row))
+
+    def _preview(
+        self, target: Target, payload: dict[str, Any], content: ContentItem, policy: TransformPolicy
+    ) -> Preview:
+        fit = self.adapters.get(target.channel_type).fit(content, policy)
+        measured = {} if fit is None else {"length": fit.length, "limit": fit.limit, "truncated": fit.truncated}
+        return Preview(
+            target_id=target.id,
+            channel_type=target.channel_type,
+            payload=payload,
+            cut_at=fit.cut_at if fit else None,
+            **measured,
+        )
 
     async def get_plan(self, ref: PlanRef) -> Plan:
         return await self._plan(ref.plan_id)

@@ -17,7 +17,6 @@ from wordclaw_mcp.adapters import (
     adapter_classes,
     delivery_progress,
     render_content,
-    truncate,
 )
 
 from .webhook import WebhookAdapter
@@ -34,5 +33,4 @@ __all__ = [
     "adapter_classes",
     "delivery_progress",
     "render_content",
-    "truncate",
 ]

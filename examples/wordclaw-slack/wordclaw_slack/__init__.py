@@ -8,8 +8,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 from pydantic.alias_generators import to_camel
 
-from wordclaw_mcp import http, ratelimit, redaction
-from wordclaw_mcp.adapters import Adapter, DeliveryResult, DeliveryTarget, Progress, delivery_progress, truncate
+from wordclaw_mcp import http, ratelimit, redaction, text
+from wordclaw_mcp.adapters import Adapter, DeliveryResult, DeliveryTarget, Progress, delivery_progress
 from wordclaw_mcp.models import ContentItem, TransformPolicy
 
 __all__ = ["SlackAdapter"]
@@ -36,11 +36,12 @@ class SlackAdapter(Adapter):
 
     def transform(self, content: ContentItem, policy: TransformPolicy) -> dict[str, Any]:
         lines = [f"*{content.title}*"]
-        if text := content.summary or (content.body if policy.include_body else ""):
-            lines.append(text)
+        if blurb := content.summary or (content.body if policy.include_body else ""):
+            lines.append(blurb)
         if content.canonical_url:
             lines.append(f"<{content.canonical_url}>")
-        return {"text": truncate("\n".join(lines), min(policy.max_length or TEXT_LIMIT, TEXT_LIMIT))}
+        limit = text.Limit("characters", min(policy.max_length or TEXT_LIMIT, TEXT_LIMIT))
+        return {"text": text.cut("\n".join(lines), limit).text}
 
     async def deliver(
         self, payload: dict[str, Any], target: DeliveryTarget, *, message_id: str | None = None
