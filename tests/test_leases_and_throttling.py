@@ -229,6 +229,13 @@ NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
     [
         (429, {}, (True, None)),
         (429, {"retry-after": "7"}, (True, NOW + timedelta(seconds=7))),
+        # Mastodon's 429 names its time in X-RateLimit-Reset only.
+        (429, {"x-ratelimit-reset": "2026-11-25T12:05:00.000Z"}, (True, NOW + timedelta(minutes=5))),
+        (
+            429,
+            {"retry-after": "7", "x-ratelimit-reset": "2026-11-25T12:05:00.000Z"},
+            (True, NOW + timedelta(seconds=7)),
+        ),
         (503, {"retry-after": "Wed, 25 Nov 2026 12:00:30 GMT"}, (True, NOW + timedelta(seconds=30))),
         (503, {}, (False, None)),
         (500, {"retry-after": "7"}, (False, None)),

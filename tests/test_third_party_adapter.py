@@ -138,7 +138,8 @@ async def test_an_entry_point_that_fails_to_load_or_is_no_adapter_is_skipped_and
     with caplog.at_level(logging.ERROR):
         registry = AdapterRegistry()
     try:
-        assert registry.channel_types == ["webhook"]
+        assert "broken" not in registry.channel_types and "odd" not in registry.channel_types
+        assert "webhook" in registry.channel_types
         assert "adapter entry point broken could not be loaded" in caplog.text
         assert "adapter entry point odd (odd_channels:NotAnAdapter) is not an Adapter" in caplog.text
     finally:

@@ -117,6 +117,8 @@ class Adapter(ABC):
     channel_type: ClassVar[str]
     config_model: ClassVar[type[BaseModel]]
     secrets_model: ClassVar[type[BaseModel] | None] = None
+    # Whether a target cannot work without secrets (a token); else they are optional.
+    secrets_required: ClassVar[bool] = False
     # A channel's own limits (its API's rate limit, say), used when a target names none.
     default_max_concurrency: ClassVar[int | None] = None
     default_rate_per_minute: ClassVar[float | None] = None
@@ -150,6 +152,12 @@ class Adapter(ABC):
         as it is. The default keeps the whole config in clear.
         """
         return SealedConfig(config)
+
+    def policy_for(self, config: dict[str, Any], policy: TransformPolicy) -> TransformPolicy:
+        """The policy a target's payload is made with: a channel whose limit depends on the
+        target (an instance's own) sets ``max_length`` from ``config`` here. The default leaves
+        the policy as it is."""
+        return policy
 
     @abstractmethod
     def transform(self, content: ContentItem, policy: TransformPolicy) -> dict[str, Any]:

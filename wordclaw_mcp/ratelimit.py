@@ -58,6 +58,10 @@ def throttle(status: int, headers: Mapping[str, str], now: datetime | None = Non
     """
     now = now or datetime.now(UTC)
     seconds = retry_after(headers.get("retry-after"), now)
+    if status == 429 and seconds is None:
+        # Mastodon names the time in X-RateLimit-Reset alone.
+        reset = rate_limit_reset(headers.get("x-ratelimit-reset"), now)
+        return True, reset if reset is not None and reset > now else None
     if status == 429 or (status == 503 and seconds is not None):
         return True, None if seconds is None else now + timedelta(seconds=seconds)
     remaining = headers.get("x-ratelimit-remaining")

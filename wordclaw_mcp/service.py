@@ -71,14 +71,15 @@ class DistributionService:
         adapter = self.adapters.get(request.channel_type)
         config = _validate_part(adapter.config_model, request.config, "config", "INVALID_TARGET_CONFIG")
         secrets: dict[str, str] = {}
-        if request.secrets:
+        if request.secrets or adapter.secrets_required:
             if adapter.secrets_model is None:
                 raise errors.DistributionError(
                     "INVALID_TARGET_SECRETS",
                     f"Channel type {request.channel_type!r} takes no secrets.",
                     "Call register_target again without secrets.",
                 )
-            validated = _validate_part(adapter.secrets_model, request.secrets, "secrets", "INVALID_TARGET_SECRETS")
+            given = request.secrets or {}
+            validated = _validate_part(adapter.secrets_model, given, "secrets", "INVALID_TARGET_SECRETS")
             secrets = validated.model_dump(mode="json", by_alias=True)
         await adapter.check_target(config)
         # Secret parts of the config (a token in a URL) are encrypted with the secrets, and only
@@ -142,7 +143,10 @@ class DistributionService:
         policy = request.transform_policy or TransformPolicy()
         content = await self._content_item(request.content_item_id)
         targets = await self._targets(request.target_ids)
-        policies = [policy.over(target.transform_policy) for target in targets]
+        policies = [
+            self.adapters.get(target.channel_type).policy_for(target.config, policy.over(target.transform_policy))
+            for target in targets
+        ]
         # A transform depends on the channel, the item and the policy, not on the target: each
         # is made once, however many targets of one channel and policy the plan names.
         made: dict[tuple[str, str], dict[str, Any]] = {}

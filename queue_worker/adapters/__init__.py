@@ -19,6 +19,7 @@ from wordclaw_mcp.adapters import (
     render_content,
 )
 
+from .mastodon import MastodonAdapter
 from .webhook import WebhookAdapter
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "AdapterRegistry",
     "DeliveryResult",
     "DeliveryTarget",
+    "MastodonAdapter",
     "Progress",
     "SealedConfig",
     "WebhookAdapter",

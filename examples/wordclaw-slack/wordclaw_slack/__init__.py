@@ -33,6 +33,7 @@ class SlackAdapter(Adapter):
     channel_type = "slack"
     config_model = SlackConfig
     secrets_model = SlackSecrets
+    secrets_required = True
 
     def transform(self, content: ContentItem, policy: TransformPolicy) -> dict[str, Any]:
         lines = [f"*{content.title}*"]

@@ -1,0 +1,155 @@
+"""Mastodon: post the item as a status, once, however many times the job is tried."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl
+from pydantic.alias_generators import to_camel
+
+from wordclaw_mcp import http, netguard, ratelimit, redaction, text
+from wordclaw_mcp.adapters import (
+    Adapter,
+    DeliveryResult,
+    DeliveryTarget,
+    Progress,
+    attribution,
+    body_source,
+    canonical_link,
+    delivery_progress,
+)
+from wordclaw_mcp.models import ContentItem, TransformPolicy
+
+DEFAULT_MAX_CHARACTERS = 500  # Mastodon's default; an instance may allow more
+
+
+class MastodonConfig(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+    base_url: HttpUrl = Field(description="The instance, e.g. https://mastodon.social.")
+    visibility: Literal["public", "unlisted", "private", "direct"] = "public"
+    max_characters: int = Field(
+        DEFAULT_MAX_CHARACTERS, ge=1, le=100_000, description="The instance's status limit (500 unless it says more)."
+    )
+
+
+class MastodonSecrets(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+    access_token: str = Field(min_length=1, description="An access token with the write:statuses scope.")
+
+
+class MastodonAdapter(Adapter):
+    channel_type = "mastodon"
+    config_model = MastodonConfig
+    secrets_model = MastodonSecrets
+    secrets_required = True
+    # mastodon.social allows 300 requests per 5 minutes per account; leave room for the rest.
+    default_rate_per_minute = 30.0
+
+    async def check_target(self, config: BaseModel) -> None:
+        assert isinstance(config, MastodonConfig)
+        await netguard.check_url(str(config.base_url), allow_private=self.options.allow_private_targets)
+
+    def policy_for(self, config: dict[str, Any], policy: TransformPolicy) -> TransformPolicy:
+        limit = int(config.get("maxCharacters") or DEFAULT_MAX_CHARACTERS)
+        return policy.model_copy(update={"max_length": min(policy.max_length or limit, limit)})
+
+    def transform(self, content: ContentItem, policy: TransformPolicy) -> dict[str, Any]:
+        return {"status": self.fit(content, policy).text}
+
+    def fit(self, content: ContentItem, policy: TransformPolicy) -> text.Cut:
+        """The status: title and text, cut to fit, then hashtags, attribution and the link, kept whole."""
+        parts = [content.title]
+        if policy.include_body or policy.excerpt_only:
+            excerpt = policy.model_copy(update={"excerpt_only": True})
+            parts.append(text.markdown_to_text(body_source(content, excerpt)))
+        tail = []
+        if policy.hashtags:
+            tail.append(" ".join(f"#{tag}" for tag in policy.hashtags))
+        if policy.include_attribution and (line := attribution(content)):
+            tail.append(line)
+        if link := canonical_link(content, policy):
+            tail.append(link)
+        suffix = "".join(f"\n\n{part}" for part in tail)
+        limit = text.limit_for("mastodon", policy.max_length or DEFAULT_MAX_CHARACTERS)
+        return text.cut("\n\n".join(part for part in parts if part), limit, suffix=suffix)
+
+    async def deliver(
+        self, payload: dict[str, Any], target: DeliveryTarget, *, message_id: str | None = None
+    ) -> DeliveryResult:
+        config = MastodonConfig.model_validate(target.config)
+        token = target.secrets["accessToken"]
+        url = str(config.base_url).rstrip("/") + "/api/v1/statuses"
+        headers = {"authorization": f"Bearer {token}"}
+        if message_id:
+            # The job id, the same on every attempt: Mastodon answers a repeated key with the
+            # status it already made, so a retry after a lost answer cannot post twice.
+            headers["idempotency-key"] = message_id
+        started = time.monotonic()
+        delivery_progress.set(Progress.MAYBE_SENT)
+        try:
+            answer = await self.http.request(
+                "POST",
+                url,
+                headers=headers,
+                json={**payload, "visibility": config.visibility},
+                timeout=self.options.timeout,
+                on_answer=lambda: delivery_progress.set(Progress.SENT),
+            )
+        except (http.TargetRefused, http.ConnectError) as exc:
+            delivery_progress.set(Progress.NOT_SENT)
+            unresolvable = isinstance(exc, http.TargetRefused) and exc.code == "TARGET_UNRESOLVABLE"
+            return DeliveryResult(
+                succeeded=False, retryable=isinstance(exc, http.ConnectError) or unresolvable, error=str(exc)
+            )
+        except http.HttpError as exc:
+            # Safe to retry even if it was sent: the idempotency key makes the repeat a no-op.
+            return DeliveryResult(succeeded=False, retryable=True, error=f"{type(exc).__name__}: {exc}")
+        return _outcome(answer, token, elapsed_ms=round((time.monotonic() - started) * 1000))
+
+
+def _outcome(answer: http.Answer, token: str, *, elapsed_ms: int) -> DeliveryResult:
+    meta: dict[str, Any] = {
+        "elapsedMs": elapsed_ms,
+        "rateLimit": {
+            name: answer.headers[f"x-ratelimit-{name}"]
+            for name in ("limit", "remaining", "reset")
+            if f"x-ratelimit-{name}" in answer.headers
+        },
+    }
+    throttled, until = ratelimit.throttle(answer.status, answer.headers)
+    body = _json(answer.text)
+    if 200 <= answer.status < 300 and isinstance(body, dict) and body.get("url"):
+        meta["statusId"] = body.get("id")
+        return DeliveryResult(
+            succeeded=True,
+            status_code=answer.status,
+            external_url=str(body["url"]),
+            raw_meta=meta,
+            throttled=throttled,
+            throttled_until=until,
+        )
+    said = body.get("error") if isinstance(body, dict) else None
+    error = f"Mastodon answered HTTP {answer.status}: {said or answer.reason or 'no error given'}"
+    if answer.status in {401, 403}:
+        error += " Check the target's accessToken (it needs the write:statuses scope) and register it again."
+    return DeliveryResult(
+        succeeded=False,
+        status_code=answer.status,
+        error=redaction.scrub(error, [token]),
+        retryable=answer.status >= 500 or answer.status in {408, 429} or 200 <= answer.status < 300,
+        retry_after=ratelimit.retry_after(answer.headers.get("retry-after")),
+        raw_meta={**meta, "responseBody": redaction.scrub(answer.text, [token])},
+        throttled=throttled,
+        throttled_until=until,
+    )
+
+
+def _json(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except ValueError:
+        return None
