@@ -236,6 +236,25 @@ def attribution(content: ContentItem) -> str | None:
     return " · ".join(part for part in parts if part) or None
 
 
+def social_post(content: ContentItem, policy: TransformPolicy, limit: text.Limit) -> text.Cut:
+    """A social network's post: the title and the summary (or the body's first paragraph) as
+    plain text, cut to fit ``limit`` at the end of a word, then the hashtags, the attribution
+    and the canonical link, kept whole after the cut."""
+    parts = [content.title]
+    if policy.include_body or policy.excerpt_only:
+        excerpt = policy.model_copy(update={"excerpt_only": True})
+        parts.append(text.markdown_to_text(body_source(content, excerpt)))
+    tail = []
+    if policy.hashtags:
+        tail.append(" ".join(f"#{tag}" for tag in policy.hashtags))
+    if policy.include_attribution and (line := attribution(content)):
+        tail.append(line)
+    if link := canonical_link(content, policy):
+        tail.append(link)
+    suffix = "".join(f"\n\n{part}" for part in tail)
+    return text.cut("\n\n".join(part for part in parts if part), limit, suffix=suffix)
+
+
 def render_content(content: ContentItem, policy: TransformPolicy) -> dict[str, Any]:
     """The channel-neutral rendering every adapter starts from (the webhook sends it as it is)."""
     rendered: dict[str, Any] = {

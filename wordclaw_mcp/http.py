@@ -98,6 +98,13 @@ class Answer:
             raise ValueError("the answer's body was longer than the bytes read, so it is not whole JSON")
         return jsonlib.loads(self.text)
 
+    def json_or_none(self) -> Any:
+        """The body as JSON, or None if it is not (whole) JSON: for reading an API's error body."""
+        try:
+            return self.json()
+        except ValueError:
+            return None
+
 
 class CheckedResolver(AbstractResolver):
     """Resolves as ``netguard`` does, and refuses the whole name if any address is not allowed.

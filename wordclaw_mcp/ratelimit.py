@@ -59,14 +59,23 @@ def throttle(status: int, headers: Mapping[str, str], now: datetime | None = Non
     now = now or datetime.now(UTC)
     seconds = retry_after(headers.get("retry-after"), now)
     if status == 429 and seconds is None:
-        # Mastodon names the time in X-RateLimit-Reset alone.
-        reset = rate_limit_reset(headers.get("x-ratelimit-reset"), now)
+        # Mastodon, X and Bluesky name the time in a rate-limit reset header alone.
+        reset = rate_limit_reset(_rate_limit_header(headers, "reset"), now)
         return True, reset if reset is not None and reset > now else None
     if status == 429 or (status == 503 and seconds is not None):
         return True, None if seconds is None else now + timedelta(seconds=seconds)
-    remaining = headers.get("x-ratelimit-remaining")
+    remaining = _rate_limit_header(headers, "remaining")
     if remaining is not None and remaining.strip() == "0":
-        reset = rate_limit_reset(headers.get("x-ratelimit-reset"), now)
+        reset = rate_limit_reset(_rate_limit_header(headers, "reset"), now)
         if reset is not None and reset > now:
             return True, reset
     return False, None
+
+
+def _rate_limit_header(headers: Mapping[str, str], name: str) -> str | None:
+    """A rate-limit header by any of its spellings: X-RateLimit-* (Mastodon, GitHub),
+    X-Rate-Limit-* (X) and RateLimit-* (Bluesky, the IETF draft)."""
+    for prefix in ("x-ratelimit-", "x-rate-limit-", "ratelimit-"):
+        if (value := headers.get(prefix + name)) is not None:
+            return value
+    return None

@@ -21,6 +21,7 @@ from wordclaw_mcp.adapters import (
 
 from .mastodon import MastodonAdapter
 from .webhook import WebhookAdapter
+from .x import XAdapter
 
 __all__ = [
     "Adapter",
@@ -32,6 +33,7 @@ __all__ = [
     "Progress",
     "SealedConfig",
     "WebhookAdapter",
+    "XAdapter",
     "adapter_classes",
     "delivery_progress",
     "render_content",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any, Literal
 
@@ -15,10 +14,8 @@ from wordclaw_mcp.adapters import (
     DeliveryResult,
     DeliveryTarget,
     Progress,
-    attribution,
-    body_source,
-    canonical_link,
     delivery_progress,
+    social_post,
 )
 from wordclaw_mcp.models import ContentItem, TransformPolicy
 
@@ -61,21 +58,7 @@ class MastodonAdapter(Adapter):
         return {"status": self.fit(content, policy).text}
 
     def fit(self, content: ContentItem, policy: TransformPolicy) -> text.Cut:
-        """The status: title and text, cut to fit, then hashtags, attribution and the link, kept whole."""
-        parts = [content.title]
-        if policy.include_body or policy.excerpt_only:
-            excerpt = policy.model_copy(update={"excerpt_only": True})
-            parts.append(text.markdown_to_text(body_source(content, excerpt)))
-        tail = []
-        if policy.hashtags:
-            tail.append(" ".join(f"#{tag}" for tag in policy.hashtags))
-        if policy.include_attribution and (line := attribution(content)):
-            tail.append(line)
-        if link := canonical_link(content, policy):
-            tail.append(link)
-        suffix = "".join(f"\n\n{part}" for part in tail)
-        limit = text.limit_for("mastodon", policy.max_length or DEFAULT_MAX_CHARACTERS)
-        return text.cut("\n\n".join(part for part in parts if part), limit, suffix=suffix)
+        return social_post(content, policy, text.limit_for("mastodon", policy.max_length or DEFAULT_MAX_CHARACTERS))
 
     async def deliver(
         self, payload: dict[str, Any], target: DeliveryTarget, *, message_id: str | None = None
@@ -121,7 +104,7 @@ def _outcome(answer: http.Answer, token: str, *, elapsed_ms: int) -> DeliveryRes
         },
     }
     throttled, until = ratelimit.throttle(answer.status, answer.headers)
-    body = _json(answer.text)
+    body = answer.json_or_none()
     if 200 <= answer.status < 300 and isinstance(body, dict) and body.get("url"):
         meta["statusId"] = body.get("id")
         return DeliveryResult(
@@ -146,10 +129,3 @@ def _outcome(answer: http.Answer, token: str, *, elapsed_ms: int) -> DeliveryRes
         throttled=throttled,
         throttled_until=until,
     )
-
-
-def _json(value: str) -> Any:
-    try:
-        return json.loads(value)
-    except ValueError:
-        return None

@@ -1,0 +1,135 @@
+"""X (Twitter): post the item as a post through API v2, never twice.
+
+X has no idempotency key, so a request that may have reached X is never sent again on its own:
+an attempt that got no answer after sending ends the job ``DELIVERY_OUTCOME_UNKNOWN``, and a
+person checks the account before redriving it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl
+from pydantic.alias_generators import to_camel
+
+from wordclaw_mcp import http, netguard, ratelimit, redaction, text
+from wordclaw_mcp.adapters import (
+    Adapter,
+    DeliveryResult,
+    DeliveryTarget,
+    Progress,
+    delivery_progress,
+    social_post,
+)
+from wordclaw_mcp.models import ContentItem, TransformPolicy
+
+POST_URL = "https://x.com/i/web/status/{id}"
+OUTCOME_UNKNOWN = (
+    "DELIVERY_OUTCOME_UNKNOWN: the request may have reached X, but no answer came ({reason}). X has no "
+    "idempotency key, so it is not sent again on its own: check the account for the post, and redrive "
+    "the job (retry_plan) only if it is not there."
+)
+
+
+class XConfig(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+    base_url: HttpUrl = Field(HttpUrl("https://api.x.com"), description="The API's base URL.")
+
+
+class XSecrets(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+    access_token: str = Field(min_length=1, description="An OAuth 2.0 user-context token with tweet.write.")
+
+
+class XAdapter(Adapter):
+    channel_type = "x"
+    config_model = XConfig
+    secrets_model = XSecrets
+    secrets_required = True
+
+    async def check_target(self, config: BaseModel) -> None:
+        assert isinstance(config, XConfig)
+        await netguard.check_url(str(config.base_url), allow_private=self.options.allow_private_targets)
+
+    def policy_for(self, config: dict[str, Any], policy: TransformPolicy) -> TransformPolicy:
+        limit = text.limit_for("x").max_length
+        return policy.model_copy(update={"max_length": min(policy.max_length or limit, limit)})
+
+    def transform(self, content: ContentItem, policy: TransformPolicy) -> dict[str, Any]:
+        return {"text": self.fit(content, policy).text}
+
+    def fit(self, content: ContentItem, policy: TransformPolicy) -> text.Cut:
+        return social_post(content, policy, text.limit_for("x", policy.max_length))
+
+    async def deliver(
+        self, payload: dict[str, Any], target: DeliveryTarget, *, message_id: str | None = None
+    ) -> DeliveryResult:
+        config = XConfig.model_validate(target.config)
+        token = target.secrets["accessToken"]
+        url = str(config.base_url).rstrip("/") + "/2/tweets"
+        started = time.monotonic()
+        delivery_progress.set(Progress.MAYBE_SENT)
+        try:
+            answer = await self.http.request(
+                "POST",
+                url,
+                headers={"authorization": f"Bearer {token}"},
+                json={"text": payload["text"]},
+                timeout=self.options.timeout,
+                on_answer=lambda: delivery_progress.set(Progress.SENT),
+            )
+        except (http.TargetRefused, http.ConnectError) as exc:
+            # Nothing was sent: safe to try again.
+            delivery_progress.set(Progress.NOT_SENT)
+            unresolvable = isinstance(exc, http.TargetRefused) and exc.code == "TARGET_UNRESOLVABLE"
+            return DeliveryResult(
+                succeeded=False, retryable=isinstance(exc, http.ConnectError) or unresolvable, error=str(exc)
+            )
+        except http.HttpError as exc:
+            return DeliveryResult(succeeded=False, retryable=False, error=OUTCOME_UNKNOWN.format(reason=exc))
+        return _outcome(answer, token, elapsed_ms=round((time.monotonic() - started) * 1000))
+
+
+def _outcome(answer: http.Answer, token: str, *, elapsed_ms: int) -> DeliveryResult:
+    meta: dict[str, Any] = {
+        "elapsedMs": elapsed_ms,
+        "rateLimit": {
+            name: answer.headers[f"x-rate-limit-{name}"]
+            for name in ("limit", "remaining", "reset")
+            if f"x-rate-limit-{name}" in answer.headers
+        },
+    }
+    throttled, until = ratelimit.throttle(answer.status, answer.headers)
+    body = answer.json_or_none()
+    data = body.get("data") if isinstance(body, dict) else None
+    if 200 <= answer.status < 300 and isinstance(data, dict) and data.get("id"):
+        meta["postId"] = str(data["id"])
+        return DeliveryResult(
+            succeeded=True,
+            status_code=answer.status,
+            external_url=POST_URL.format(id=data["id"]),
+            raw_meta=meta,
+            throttled=throttled,
+            throttled_until=until,
+        )
+    said = (body.get("detail") or body.get("title")) if isinstance(body, dict) else None
+    error = f"X answered HTTP {answer.status}: {said or answer.reason or 'no error given'}"
+    if answer.status in {401, 403} and "duplicate" not in (said or "").lower():
+        error += " Check the target's accessToken (it needs tweet.write) and register it again."
+    if 200 <= answer.status < 300:
+        # A success without a post id: whether a post was made is not known, and X has no key.
+        error = OUTCOME_UNKNOWN.format(reason=f"HTTP {answer.status} without a post id")
+    return DeliveryResult(
+        succeeded=False,
+        status_code=answer.status,
+        error=redaction.scrub(error, [token]),
+        # A 5xx answer is X saying it did not post; a 429 is a throttle, tried again after it.
+        retryable=answer.status >= 500 or answer.status == 429,
+        retry_after=ratelimit.retry_after(answer.headers.get("retry-after")),
+        raw_meta={**meta, "responseBody": redaction.scrub(answer.text, [token])},
+        throttled=throttled,
+        throttled_until=until,
+    )
