@@ -19,6 +19,7 @@ from wordclaw_mcp.adapters import (
     render_content,
 )
 
+from .email import EmailAdapter
 from .mastodon import MastodonAdapter
 from .webhook import WebhookAdapter
 from .x import XAdapter
@@ -29,6 +30,7 @@ __all__ = [
     "AdapterRegistry",
     "DeliveryResult",
     "DeliveryTarget",
+    "EmailAdapter",
     "MastodonAdapter",
     "Progress",
     "SealedConfig",
