@@ -8,7 +8,7 @@ from uuid import UUID
 import anyio
 from pydantic import BaseModel, ValidationError
 
-from . import errors, queries
+from . import errors, queries, text
 from .models import (
     FINAL_PLAN_STATUSES,
     ContentItem,
@@ -154,7 +154,16 @@ class DistributionService:
         for target, effective in zip(targets, policies, strict=True):
             key = (target.channel_type, effective.model_dump_json())
             if key not in made:
-                made[key] = self.adapters.get(target.channel_type).transform(content, effective)
+                try:
+                    made[key] = self.adapters.get(target.channel_type).transform(content, effective)
+                except text.DoesNotFit as exc:
+                    raise errors.DistributionError(
+                        "POLICY_DOES_NOT_FIT",
+                        f"For target {target.id} ({target.channel_type}), {exc}.",
+                        "Raise maxLength (or the target's own limit), or drop hashtags, includeAttribution or "
+                        "includeCanonicalUrl from the transform policy.",
+                        targetId=str(target.id),
+                    ) from None
             payloads.append(made[key])
 
         if request.dry_run:

@@ -91,6 +91,10 @@ def limit_for(rule: str, max_length: int | None = None) -> Limit:
     return Limit(rule, max_length if max_length is not None else length, max_bytes)
 
 
+class DoesNotFit(ValueError):
+    """What must be kept whole (a link, hashtags) is longer than the limit by itself."""
+
+
 @dataclass(frozen=True)
 class Cut:
     """Text fitted to a limit, and what a dry run shows of it."""
@@ -107,13 +111,13 @@ def cut(text: str, limit: Limit, *, suffix: str = "", ellipsis: str = ELLIPSIS) 
 
     The cut falls at the end of a word, never inside a URL or a grapheme, and ``ellipsis``
     marks it. A first word too long to fit any way is cut between graphemes; a URL is never
-    cut, it is left out whole. If not even ``suffix`` fits, ``ValueError``.
+    cut, it is left out whole. If not even ``suffix`` fits, ``DoesNotFit``.
     """
     whole = text + suffix
     if limit.fits(whole):
         return Cut(whole, limit.length(whole), limit.max_length, False)
     if not limit.fits(ellipsis + suffix):
-        raise ValueError(f"the limit of {limit.max_length} leaves no room for {suffix!r}")
+        raise DoesNotFit(f"the limit of {limit.max_length} leaves no room for {suffix.strip()!r}")
 
     def attempt(end: int) -> str:
         return text[:end].rstrip() + ellipsis + suffix
