@@ -35,7 +35,6 @@ may create databases on.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import platform
@@ -73,6 +72,7 @@ from scratch import (  # bench/scratch.py
 )
 
 from queue_worker.adapters import AdapterOptions, AdapterRegistry
+from queue_worker.adapters.webhook import new_signing_secret
 from wordclaw_mcp import queries
 from wordclaw_mcp.config import Settings
 from wordclaw_mcp.models import ContentItem, RegisterTargetInput, TransformPolicy, UpsertContentItemInput
@@ -245,7 +245,7 @@ async def enqueue_wordclaw(database_url: str, home: Path, key: str, url: str, jo
                 name="receiver",
                 channel_type="webhook",
                 config={"url": url},
-                secrets={"signingSecret": signing_secret()},
+                secrets={"signingSecret": new_signing_secret()},
             )
         )
         payload = runtime.adapters.get("webhook").transform(item, TransformPolicy())
@@ -268,10 +268,6 @@ async def enqueue_wordclaw(database_url: str, home: Path, key: str, url: str, jo
         # Plan the first claims from real statistics, rather than whenever autovacuum gets to it.
         await runtime.pool.execute("ANALYZE")
     return len(sizes)
-
-
-def signing_secret() -> str:
-    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
 async def drain_with_worker(

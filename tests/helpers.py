@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import secrets
 import time
@@ -15,6 +14,7 @@ import anyio
 import asyncpg
 from mcp import Client
 
+from queue_worker.adapters.webhook import new_signing_secret  # noqa: F401 - re-exported for the tests
 from wordclaw_mcp.models import (
     CreateDistributionPlanInput,
     Plan,
@@ -30,10 +30,6 @@ T = TypeVar("T")
 def database_name(url: str) -> str:
     """The database a URL names; the embedded server's URLs carry a socket path in the query."""
     return urlsplit(url).path.lstrip("/")
-
-
-def new_signing_secret() -> str:
-    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
 async def call(client: Client, tool: str, **arguments: Any) -> dict[str, Any]:

@@ -37,6 +37,7 @@ TOOL_ARGUMENTS = {
     "cancel_plan": {"planId"},
     "get_receipts": {"planId"},
     "retry_plan": {"planId", "jobIds"},
+    "rotate_target_secret": {"targetId", "graceHours"},
 }
 
 
@@ -70,7 +71,12 @@ async def test_an_agent_publishes_to_a_webhook_and_awaits_the_receipt(
 ) -> None:
     item, target = await content_and_target(mcp_client, receiver.url)
     assert item["version"] == 1 and uuid.UUID(item["id"])
-    assert target["config"] == {"url": receiver.url} and target["hasSecrets"] is False
+    assert target["config"] == {"url": receiver.url} and target["hasSecrets"] is True
+    # No secret was given, so one was made: shown here once, and never listed.
+    generated = target["generatedSecrets"]["signingSecret"]
+    assert generated.startswith("whsec_")
+    listed = await call(mcp_client, "list_targets")
+    assert generated not in json.dumps(listed) and listed["targets"][0]["generatedSecrets"] is None
 
     plan = await call(
         mcp_client,

@@ -11,13 +11,21 @@ from urllib.parse import quote, urlsplit
 import asyncpg
 import pytest
 from cryptography.fernet import Fernet
+from standardwebhooks import Webhook
+from standardwebhooks.webhooks import WebhookVerificationError
 
 from queue_worker.adapters import DeliveryResult, DeliveryTarget, WebhookAdapter
 from queue_worker.worker import Worker, redact
-from tests.helpers import new_signing_secret
+from tests.helpers import new_signing_secret, publish
 from wordclaw_mcp import cli, queries
 from wordclaw_mcp.errors import DistributionError
-from wordclaw_mcp.models import CreateDistributionPlanInput, PlanRef, RegisterTargetInput, UpsertContentItemInput
+from wordclaw_mcp.models import (
+    CreateDistributionPlanInput,
+    PlanRef,
+    RegisterTargetInput,
+    RotateTargetSecretInput,
+    UpsertContentItemInput,
+)
 from wordclaw_mcp.receiver import WebhookReceiver
 from wordclaw_mcp.redaction import scrub
 from wordclaw_mcp.secrets import SecretBox
@@ -111,7 +119,7 @@ async def test_tokens_in_a_target_url_are_stored_encrypted_and_shown_redacted(
 async def test_a_url_without_credentials_is_stored_as_it_is(service: DistributionService) -> None:
     target = await register(service, "https://example.com/hooks/wordclaw")
     assert target["config"] == {"url": "https://example.com/hooks/wordclaw"}
-    assert target["hasSecrets"] is False
+    assert target["hasSecrets"] is True  # its generated signing secret
 
 
 async def test_targets_stored_before_urls_were_sealed_are_listed_redacted_and_still_delivered(
@@ -246,3 +254,55 @@ def test_a_non_loopback_host_is_refused_unless_unauthenticated_access_is_allowed
 )
 def test_only_loopback_hosts_count_as_local(host: str, loopback: bool) -> None:
     assert cli.is_loopback_host(host) is loopback
+
+
+# --- signing-secret rotation -------------------------------------------------------------------
+
+
+async def test_a_rotation_signs_with_both_secrets_during_the_grace_and_with_the_new_one_after(
+    service: DistributionService, worker: Worker, receiver: WebhookReceiver
+) -> None:
+    old = new_signing_secret()
+    plan, [target_id] = await publish(service, [receiver.url], secret=old)
+    rotation = await service.rotate_target_secret(RotateTargetSecretInput(target_id=target_id, grace_hours=1))
+    new = rotation.secrets["signingSecret"]
+    assert new.startswith("whsec_") and new != old and rotation.previous_valid_until is not None
+    await worker.run_once()
+
+    [request] = receiver.requests
+    assert len(request.headers["webhook-signature"].split(" ")) == 2
+    for secret in (old, new):  # a receiver holding either secret accepts the delivery
+        Webhook(secret).verify(request.body, request.headers)
+
+    # A second rotation with no grace: only the newest secret signs.
+    newest = (await service.rotate_target_secret(RotateTargetSecretInput(target_id=target_id, grace_hours=0))).secrets
+    await service.create_distribution_plan(
+        CreateDistributionPlanInput(content_item_id=plan.content_item_id, target_ids=[target_id])
+    )
+    await worker.run_once()
+    latest = receiver.requests[-1]
+    Webhook(newest["signingSecret"]).verify(latest.body, latest.headers)
+    for retired in (old, new):
+        with pytest.raises(WebhookVerificationError):
+            Webhook(retired).verify(latest.body, latest.headers)
+    listed = (await service.list_targets()).model_dump_json()
+    assert all(secret not in listed for secret in (old, new, newest["signingSecret"]))
+
+
+async def test_rotating_an_unknown_target_or_a_channel_without_a_rotatable_secret_is_refused(
+    service: DistributionService,
+) -> None:
+    with pytest.raises(DistributionError) as unknown:
+        await service.rotate_target_secret(RotateTargetSecretInput(target_id=uuid.uuid4()))
+    assert unknown.value.code == "TARGET_NOT_FOUND"
+    mastodon = await service.register_target(
+        RegisterTargetInput(
+            name="toots",
+            channel_type="mastodon",
+            config={"baseUrl": "https://mastodon.example"},
+            secrets={"accessToken": "t"},
+        )
+    )
+    with pytest.raises(DistributionError) as unsupported:
+        await service.rotate_target_secret(RotateTargetSecretInput(target_id=mastodon.id))
+    assert unsupported.value.code == "SECRET_ROTATION_UNSUPPORTED"

@@ -144,6 +144,25 @@ class Adapter(ABC):
     async def check_target(self, config: BaseModel) -> None:  # noqa: B027 - optional hook
         """Refuse a target at registration, beyond what ``config_model`` validates."""
 
+    def generate_secrets(self, given: Mapping[str, str]) -> dict[str, str]:
+        """Secrets to make at registration that the caller did not give (shown to them once).
+        The default makes none."""
+        return {}
+
+    def rotate_secrets(
+        self, current: Mapping[str, str], previous_valid_until: datetime | None
+    ) -> tuple[dict[str, str], dict[str, str]]:
+        """Replace a target's rotatable secret: (the secrets to store, the new ones to show once).
+
+        The old one is kept, under a key starting ``previous``, until ``previous_valid_until``
+        (None: not kept), so the receiver can switch over. The default has nothing to rotate.
+        """
+        raise DistributionError(
+            "SECRET_ROTATION_UNSUPPORTED",
+            f"Channel type {self.channel_type!r} has no secret that WordClaw can rotate.",
+            "Register the target again with new secrets, then deactivate the old one.",
+        )
+
     def seal_config(self, config: dict[str, Any]) -> SealedConfig:
         """Designate the secret parts of a validated config (as JSON), such as a token in a URL.
 

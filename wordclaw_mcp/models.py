@@ -172,10 +172,34 @@ class Target(ApiModel):
     max_concurrency: int | None = None
     rate_per_minute: float | None = None
     transform_policy: TransformPolicy | None = None
+    generated_secrets: dict[str, str] | None = Field(
+        None,
+        description="Secrets generated for this target at registration (a webhook's signingSecret when none "
+        "was given). Shown this once and never again: give them to the receiver now.",
+    )
 
 
 class TargetList(ApiModel):
     targets: list[Target]
+
+
+class RotateTargetSecretInput(InputModel):
+    target_id: UUID
+    grace_hours: float = Field(
+        24.0,
+        ge=0,
+        le=720,
+        description="How long deliveries also carry a signature with the old secret, so the receiver can "
+        "switch over; 0 drops it at once.",
+    )
+
+
+class SecretRotation(ApiModel):
+    target_id: UUID
+    secrets: dict[str, str] = Field(description="The new secrets, shown this once.")
+    previous_valid_until: datetime | None = Field(
+        None, description="Until when deliveries also carry a signature with the previous secret."
+    )
 
 
 # --- plans ----------------------------------------------------------------------------------

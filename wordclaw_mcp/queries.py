@@ -70,6 +70,12 @@ ON CONFLICT (name) DO NOTHING
 RETURNING {_TARGET_COLUMNS}
 """
 
+GET_TARGET_SECRETS = "SELECT channel_type, secret_ciphertext FROM distribution_targets WHERE id = $1"
+
+# Replaces a target's encrypted secrets (a rotation). The worker's cache is keyed by ciphertext,
+# so the next claim carries, and decrypts, the new one.
+UPDATE_TARGET_SECRETS = "UPDATE distribution_targets SET secret_ciphertext = $2, updated_at = now() WHERE id = $1"
+
 LIST_TARGETS = f"SELECT {_TARGET_COLUMNS} FROM distribution_targets ORDER BY created_at, name"
 
 GET_TARGETS = f"SELECT {_TARGET_COLUMNS} FROM distribution_targets WHERE id = ANY($1::uuid[])"

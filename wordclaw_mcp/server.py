@@ -28,6 +28,8 @@ from .models import (
     ReceiptList,
     RegisterTargetInput,
     RetryPlanInput,
+    RotateTargetSecretInput,
+    SecretRotation,
     Target,
     TargetList,
     UpsertContentItemInput,
@@ -138,9 +140,17 @@ TOOLS: tuple[ToolSpec, ...] = (
         RegisterTargetInput,
         Target,
         "Register a destination. Secrets are stored encrypted and never returned. "
-        'A webhook takes config {"url": ...} and optional secrets {"signingSecret": "whsec_..."}.',
+        'A webhook takes config {"url": ...} and optional secrets {"signingSecret": "whsec_..."}; without one, '
+        "a signing secret is generated and returned once in generatedSecrets.",
     ),
     ToolSpec("list_targets", None, TargetList, "List every registered target, without secrets.", read_only=True),
+    ToolSpec(
+        "rotate_target_secret",
+        RotateTargetSecretInput,
+        SecretRotation,
+        "Give a target a new secret (a webhook's signingSecret), shown once. For graceHours (default 24) "
+        "deliveries carry signatures with both the new and the old secret, so the receiver can switch over.",
+    ),
     ToolSpec(
         "create_distribution_plan",
         CreateDistributionPlanInput,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -21,6 +22,8 @@ from .models import (
     ReceiptList,
     RegisterTargetInput,
     RetryPlanInput,
+    RotateTargetSecretInput,
+    SecretRotation,
     Target,
     TargetList,
     TransformPolicy,
@@ -80,7 +83,9 @@ class DistributionService:
                 )
             given = request.secrets or {}
             validated = _validate_part(adapter.secrets_model, given, "secrets", "INVALID_TARGET_SECRETS")
-            secrets = validated.model_dump(mode="json", by_alias=True)
+            secrets = validated.model_dump(mode="json", by_alias=True, exclude_none=True)
+        generated = adapter.generate_secrets(secrets)
+        secrets |= generated
         await adapter.check_target(config)
         # Secret parts of the config (a token in a URL) are encrypted with the secrets, and only
         # the redacted rest is stored in clear and shown.
@@ -105,7 +110,20 @@ class DistributionService:
                 f"A target named {request.name!r} already exists.",
                 "Call list_targets to find its id, or register under another name.",
             )
-        return Target.model_validate(dict(row))
+        return Target.model_validate({**row, "generated_secrets": generated or None})
+
+    async def rotate_target_secret(self, request: RotateTargetSecretInput) -> SecretRotation:
+        """A new secret for a target, shown once; the old one stays valid for the grace period."""
+        row = await self.pool.fetchrow(queries.GET_TARGET_SECRETS, request.target_id)
+        if row is None:
+            raise errors.target_not_found(request.target_id)
+        adapter = self.adapters.get(row["channel_type"])
+        current = self.runtime.secrets.decrypt(row["secret_ciphertext"]) if row["secret_ciphertext"] else {}
+        until = datetime.now(UTC) + timedelta(hours=request.grace_hours) if request.grace_hours else None
+        stored, shown = adapter.rotate_secrets(current, until)
+        await self.pool.execute(queries.UPDATE_TARGET_SECRETS, request.target_id, self.runtime.secrets.encrypt(stored))
+        kept = until if until and any(key not in shown for key in stored if key.startswith("previous")) else None
+        return SecretRotation(target_id=request.target_id, secrets=shown, previous_valid_until=kept)
 
     async def list_targets(self) -> TargetList:
         rows = await self.pool.fetch(queries.LIST_TARGETS)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
+import secrets
 import time
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -77,6 +79,20 @@ class WebhookAdapter(Adapter):
         assert isinstance(config, WebhookConfig)
         await netguard.check_url(str(config.url), allow_private=self.options.allow_private_targets)
 
+    def generate_secrets(self, given: Mapping[str, str]) -> dict[str, str]:
+        # Every delivery is signed: a target registered without a secret gets one, shown once.
+        return {} if given.get("signingSecret") else {"signingSecret": new_signing_secret()}
+
+    def rotate_secrets(
+        self, current: Mapping[str, str], previous_valid_until: datetime | None
+    ) -> tuple[dict[str, str], dict[str, str]]:
+        new = new_signing_secret()
+        stored = {key: value for key, value in current.items() if not key.startswith("previous")}
+        stored["signingSecret"] = new
+        if previous_valid_until and (old := current.get("signingSecret")):
+            stored |= {"previousSigningSecret": old, "previousValidUntil": previous_valid_until.isoformat()}
+        return stored, {"signingSecret": new}
+
     def seal_config(self, config: dict[str, Any]) -> SealedConfig:
         """A URL with a query or a channel token is kept whole in the secrets and shown redacted."""
         url = str(config["url"])
@@ -102,8 +118,8 @@ class WebhookAdapter(Adapter):
             "webhook-id": message_id,
             "webhook-timestamp": str(int(sent_at.timestamp())),
         }
-        if signing_secret := target.secrets.get("signingSecret"):
-            headers["webhook-signature"] = Webhook(signing_secret).sign(message_id, sent_at, body)
+        if signatures := _signatures(target.secrets, message_id, sent_at, body):
+            headers["webhook-signature"] = signatures
 
         started = time.monotonic()
         # The address is checked as the connection opens (wordclaw_mcp/http.py), so from here on
@@ -138,6 +154,22 @@ class WebhookAdapter(Adapter):
         except http.HttpError as exc:
             return DeliveryResult(succeeded=False, retryable=True, error=f"{type(exc).__name__}: {exc}")
         return _outcome(answer, url, elapsed_ms=round((time.monotonic() - started) * 1000))
+
+
+def new_signing_secret() -> str:
+    """A Standard Webhooks secret: whsec_ and base64 of 32 random bytes."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def _signatures(target_secrets: Mapping[str, str], message_id: str, sent_at: datetime, body: str) -> str | None:
+    """The webhook-signature header: the current secret's signature and, while a rotation's grace
+    lasts, the previous secret's too (space-separated, as Standard Webhooks allows)."""
+    keys = [target_secrets.get("signingSecret")]
+    until = target_secrets.get("previousValidUntil")
+    if until and datetime.fromisoformat(until) > sent_at:
+        keys.append(target_secrets.get("previousSigningSecret"))
+    signed = [Webhook(key).sign(message_id, sent_at, body) for key in keys if key]
+    return " ".join(signed) or None
 
 
 def _outcome(answer: http.Answer, url: str, *, elapsed_ms: int) -> DeliveryResult:
