@@ -9,18 +9,28 @@ import socket
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 import pytest
 import trustme
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
+from queue_worker.adapters.email import EmailAdapter
 from queue_worker.worker import Worker
 from wordclaw_mcp.config import Settings
 from wordclaw_mcp.errors import DistributionError
-from wordclaw_mcp.models import CreateDistributionPlanInput, PlanRef, RegisterTargetInput, UpsertContentItemInput
+from wordclaw_mcp.models import (
+    ContentItem,
+    CreateDistributionPlanInput,
+    PlanRef,
+    RegisterTargetInput,
+    TransformPolicy,
+    UpsertContentItemInput,
+)
 from wordclaw_mcp.runtime import Runtime
 from wordclaw_mcp.service import DistributionService
 
@@ -211,3 +221,20 @@ async def test_bad_email_targets_are_refused_at_registration(
             RegisterTargetInput(name="bad-mail", channel_type="email", config={**base, **config})
         )
     assert refused.value.code == "INVALID_TARGET_CONFIG" and mentions in refused.value.message
+
+
+def test_without_the_body_the_message_carries_the_summary_and_the_link() -> None:
+    now = datetime.now(UTC)
+    item = ContentItem(
+        id=uuid4(),
+        title="T",
+        body="The whole, long body.",
+        summary="Short.",
+        canonical_url="https://e.com/p",
+        metadata={},
+        version=1,
+        created_at=now,
+        updated_at=now,
+    )
+    payload = EmailAdapter().transform(item, TransformPolicy(include_body=False))
+    assert payload["text"] == "Short.\n\nhttps://e.com/p" and "whole" not in payload["html"]

@@ -4,16 +4,19 @@ item, counted and cut as Mastodon counts, posted once however many times the job
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
 
+from queue_worker.adapters.mastodon import MastodonAdapter
 from queue_worker.worker import Worker
 from tests.fake_mastodon import FakeMastodon
 from wordclaw_mcp.errors import DistributionError
 from wordclaw_mcp.models import (
+    ContentItem,
     CreateDistributionPlanInput,
     Plan,
     PlanRef,
@@ -183,3 +186,24 @@ async def test_bad_targets_are_refused_at_registration(
             RegisterTargetInput(name="bad", channel_type="mastodon", config=config, secrets=secrets or None)
         )
     assert refused.value.code == code
+
+
+def test_a_post_without_the_body_carries_the_title_summary_and_link() -> None:
+    now = datetime.now(UTC)
+    item = ContentItem(
+        id=uuid.uuid4(),
+        title="T",
+        body="The whole, long body.",
+        summary="Short.",
+        canonical_url="https://e.com/p",
+        metadata={},
+        version=1,
+        created_at=now,
+        updated_at=now,
+    )
+    assert MastodonAdapter().transform(item, TransformPolicy(include_body=False)) == {
+        "status": "T\n\nShort.\n\nhttps://e.com/p"
+    }
+    # With the body: its excerpt, never the whole body.
+    no_summary = item.model_copy(update={"summary": None, "body": "First.\n\nSecond."})
+    assert MastodonAdapter().transform(no_summary, TransformPolicy())["status"] == "T\n\nFirst.\n\nhttps://e.com/p"

@@ -260,7 +260,9 @@ def social_post(content: ContentItem, policy: TransformPolicy, limit: text.Limit
     plain text, cut to fit ``limit`` at the end of a word, then the hashtags, the attribution
     and the canonical link, kept whole after the cut."""
     parts = [content.title]
-    if policy.include_body or policy.excerpt_only:
+    if not policy.include_body:
+        parts.append(content.summary or "")
+    else:  # a post is never the whole body: its excerpt
         excerpt = policy.model_copy(update={"excerpt_only": True})
         parts.append(text.markdown_to_text(body_source(content, excerpt)))
     tail = []

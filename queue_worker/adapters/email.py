@@ -95,6 +95,8 @@ class EmailAdapter(Adapter):
     def transform(self, content: ContentItem, policy: TransformPolicy) -> dict[str, Any]:
         footer = [line for line in (attribution(content) if policy.include_attribution else None,) if line]
         link = canonical_link(content, policy)
+        if not policy.include_body:  # title, summary and link only
+            policy = policy.model_copy(update={"excerpt_only": True})
         plain = render_body(content, policy.model_copy(update={"output_format": "plaintext"}))
         html = render_body(content, policy.model_copy(update={"output_format": "html"}))
         if link:
