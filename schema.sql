@@ -162,6 +162,19 @@ CREATE INDEX IF NOT EXISTS distribution_jobs_finished
     ON distribution_jobs (status, finished_at)
     WHERE finished_at IS NOT NULL;
 
+-- A feed target's entries (rss, atom): the worker upserts one per content item and renders the
+-- whole feed from here, so a redelivered job replaces its entry instead of adding one.
+CREATE TABLE IF NOT EXISTS feed_items (
+    target_id     uuid NOT NULL REFERENCES distribution_targets (id) ON DELETE CASCADE,
+    guid          text NOT NULL,
+    entry         jsonb NOT NULL,
+    published_at  timestamptz NOT NULL,
+    updated_at    timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (target_id, guid)
+);
+
+CREATE INDEX IF NOT EXISTS feed_items_latest ON feed_items (target_id, published_at DESC);
+
 CREATE TABLE IF NOT EXISTS distribution_receipts (
     id             uuid PRIMARY KEY DEFAULT gen_random_uuid(),
     job_id         uuid NOT NULL REFERENCES distribution_jobs (id) ON DELETE CASCADE,

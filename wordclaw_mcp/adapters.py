@@ -16,6 +16,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from uuid import UUID
@@ -26,6 +27,7 @@ from . import text
 from .errors import DistributionError
 from .http import DEFAULT_LIMIT, DEFAULT_LIMIT_PER_HOST, HttpClient
 from .models import ContentItem, TransformPolicy
+from .store import ChannelStore
 
 ENTRY_POINT_GROUP = "wordclaw.adapters"
 
@@ -95,6 +97,7 @@ class AdapterOptions:
     allow_private_targets: bool = False
     timeout: float = 15.0  # seconds for a whole delivery: connect, send, response headers and body
     ca_bundle: str | None = None  # PEM file of CAs to trust instead of the certifi bundle
+    feeds_dir: Path | None = None  # where feed channels write their files
     # Connections the process's HTTP client keeps open at once, in all and to one host.
     max_connections: int = DEFAULT_LIMIT
     max_connections_per_host: int = DEFAULT_LIMIT_PER_HOST
@@ -125,6 +128,8 @@ class Adapter(ABC):
 
     # A class default, so that subclasses that never call Adapter.__init__ still work.
     _http: HttpClient | None = None
+    # What the channel may keep in the database (a feed's entries); set by the registry.
+    store: ChannelStore | None = None
 
     def __init__(self, options: AdapterOptions | None = None) -> None:
         self.options = options or AdapterOptions()
@@ -143,6 +148,11 @@ class Adapter(ABC):
 
     async def check_target(self, config: BaseModel) -> None:  # noqa: B027 - optional hook
         """Refuse a target at registration, beyond what ``config_model`` validates."""
+
+    async def read(self, target_id: UUID, config: dict[str, Any]) -> str | None:
+        """What the channel publishes for reading (a feed's XML), for the MCP resource
+        ``feed://{targetId}``; None for channels that only send."""
+        return None
 
     def generate_secrets(self, given: Mapping[str, str]) -> dict[str, str]:
         """Secrets to make at registration that the caller did not give (shown to them once).
@@ -320,7 +330,7 @@ def adapter_classes() -> dict[str, type[Adapter]]:
 class AdapterRegistry:
     """One instance of each adapter, shared by the plans service and the worker."""
 
-    def __init__(self, options: AdapterOptions | None = None) -> None:
+    def __init__(self, options: AdapterOptions | None = None, store: ChannelStore | None = None) -> None:
         options = options or AdapterOptions()
         # One HTTP client for every channel, so the process has one connection pool and one
         # limit on connections, whatever the channels.
@@ -328,6 +338,7 @@ class AdapterRegistry:
         self._adapters = {name: cls(options) for name, cls in adapter_classes().items()}
         for adapter in self._adapters.values():
             adapter.http = self.http
+            adapter.store = store
 
     def register(self, adapter: Adapter) -> None:
         """Add or replace the adapter for its channel type (for embedding and benchmarks)."""

@@ -55,6 +55,8 @@ class Settings:
     secret_keys: tuple[str, ...] = ()
     allow_private_targets: bool = False
     ca_bundle: str | None = None
+    # Where feed targets (rss, atom) write their files; a target's path is relative to it.
+    feeds_dir: Path | None = None
     run_worker: bool | None = None
     agent_id: str = "local-agent"
     max_attempts: int = 8
@@ -127,6 +129,9 @@ class Settings:
             secret_keys=tuple(k.strip() for k in keys.split(",") if k.strip()),
             allow_private_targets=_flag("WORDCLAW_ALLOW_PRIVATE_TARGETS"),
             ca_bundle=os.environ.get("WORDCLAW_CA_BUNDLE") or None,
+            feeds_dir=Path(os.environ["WORDCLAW_FEEDS_DIR"]).expanduser()
+            if os.environ.get("WORDCLAW_FEEDS_DIR")
+            else None,
             run_worker=None if run_worker is None else _flag("WORDCLAW_RUN_WORKER"),
             agent_id=os.environ.get("WORDCLAW_AGENT_ID", "local-agent"),
             max_attempts=_int("WORDCLAW_MAX_ATTEMPTS", 8),
@@ -139,6 +144,10 @@ class Settings:
             retain_failed_days=_float("WORDCLAW_RETAIN_FAILED_DAYS", 30.0),
             retain_events_days=_float("WORDCLAW_RETAIN_EVENTS_DAYS", 14.0),
         )
+
+    @property
+    def feeds_path(self) -> Path:
+        return self.feeds_dir or self.home / "feeds"
 
     @property
     def embedded(self) -> bool:

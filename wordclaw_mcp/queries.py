@@ -76,6 +76,23 @@ GET_TARGET_SECRETS = "SELECT channel_type, secret_ciphertext FROM distribution_t
 # so the next claim carries, and decrypts, the new one.
 UPDATE_TARGET_SECRETS = "UPDATE distribution_targets SET secret_ciphertext = $2, updated_at = now() WHERE id = $1"
 
+# --- feeds ------------------------------------------------------------------------------------
+
+# A content item's entry in a feed, by its stable guid: a redelivery or a new version of the
+# item replaces the entry, keeping when it was first published.
+UPSERT_FEED_ITEM = """
+INSERT INTO feed_items (target_id, guid, entry, published_at)
+VALUES ($1, $2, $3, $4)
+ON CONFLICT (target_id, guid) DO UPDATE SET entry = excluded.entry, updated_at = now()
+"""
+
+# The newest entries of a feed, newest first.
+FEED_ITEMS = """
+SELECT entry FROM feed_items WHERE target_id = $1 ORDER BY published_at DESC, guid LIMIT $2
+"""
+
+GET_FEED_TARGET = "SELECT channel_type, config_json AS config FROM distribution_targets WHERE id = $1"
+
 LIST_TARGETS = f"SELECT {_TARGET_COLUMNS} FROM distribution_targets ORDER BY created_at, name"
 
 GET_TARGETS = f"SELECT {_TARGET_COLUMNS} FROM distribution_targets WHERE id = ANY($1::uuid[])"

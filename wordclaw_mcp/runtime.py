@@ -16,6 +16,7 @@ from .database import open_pool
 from .errors import DistributionError
 from .notifications import Notifications
 from .secrets import SecretBox
+from .store import ChannelStore
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,9 @@ class Runtime:
                 allow_private_targets=settings.allow_private_targets,
                 timeout=settings.delivery_timeout,
                 ca_bundle=settings.ca_bundle,
-            )
+                feeds_dir=settings.feeds_path,
+            ),
+            ChannelStore(pool),
         )
         try:
             await notifications.start()

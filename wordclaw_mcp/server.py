@@ -9,10 +9,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
+from uuid import UUID
 
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
-from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.mcpserver.exceptions import ResourceError, ToolError
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field, ValidationError
 
@@ -241,4 +242,21 @@ def build_server(settings: Settings | None = None) -> WordClawServer:
     server = WordClawServer("wordclaw-distribution", instructions=INSTRUCTIONS, lifespan=lifespan)
     for spec in TOOLS:
         add_model_tool(server, spec)
+
+    @server.resource(
+        "feed://{target_id}",
+        name="feed",
+        mime_type="application/xml",
+        description="The current RSS or Atom feed of a feed target, as its file holds it.",
+    )
+    async def feed(target_id: str, ctx: Context) -> str:
+        service: DistributionService = ctx.request_context.lifespan_context
+        try:
+            return await service.read_feed(UUID(target_id))
+        except ValueError:
+            raise ResourceError(json.dumps({"error": errors.target_not_found(target_id).to_dict()})) from None
+        except DistributionError as exc:
+            # The same code, message and remediation a tool answers with.
+            raise ResourceError(json.dumps({"error": exc.to_dict()})) from None
+
     return server

@@ -125,6 +125,20 @@ class DistributionService:
         kept = until if until and any(key not in shown for key in stored if key.startswith("previous")) else None
         return SecretRotation(target_id=request.target_id, secrets=shown, previous_valid_until=kept)
 
+    async def read_feed(self, target_id: UUID) -> str:
+        """A feed target's current feed (the MCP resource ``feed://{targetId}``)."""
+        row = await self.pool.fetchrow(queries.GET_FEED_TARGET, target_id)
+        if row is None:
+            raise errors.target_not_found(target_id)
+        published = await self.adapters.get(row["channel_type"]).read(target_id, row["config"])
+        if published is None:
+            raise errors.DistributionError(
+                "TARGET_NOT_A_FEED",
+                f"Target {target_id} is a {row['channel_type']} target, which publishes nothing to read.",
+                "Read feed://{targetId} for rss and atom targets only (list_targets shows each channelType).",
+            )
+        return published
+
     async def list_targets(self) -> TargetList:
         rows = await self.pool.fetch(queries.LIST_TARGETS)
         targets = [Target.model_validate(dict(row)) for row in rows]

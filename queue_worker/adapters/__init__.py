@@ -19,8 +19,10 @@ from wordclaw_mcp.adapters import (
     render_content,
 )
 
+from .atom import AtomAdapter
 from .email import EmailAdapter
 from .mastodon import MastodonAdapter
+from .rss import RssAdapter
 from .webhook import WebhookAdapter
 from .x import XAdapter
 
@@ -28,11 +30,13 @@ __all__ = [
     "Adapter",
     "AdapterOptions",
     "AdapterRegistry",
+    "AtomAdapter",
     "DeliveryResult",
     "DeliveryTarget",
     "EmailAdapter",
     "MastodonAdapter",
     "Progress",
+    "RssAdapter",
     "SealedConfig",
     "WebhookAdapter",
     "XAdapter",

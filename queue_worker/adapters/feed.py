@@ -1,0 +1,147 @@
+"""What the RSS and Atom channels share: entries kept in PostgreSQL, one per content item, and the
+whole feed written again, atomically, after each delivery. Not a channel by itself."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from datetime import datetime
+from pathlib import Path, PurePosixPath
+from typing import Any, ClassVar
+from uuid import UUID
+
+import anyio
+from feedgen.feed import FeedGenerator
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
+from pydantic.alias_generators import to_camel
+
+from wordclaw_mcp.adapters import Adapter, DeliveryResult, DeliveryTarget, attribution, canonical_link, render_body
+from wordclaw_mcp.errors import DistributionError
+from wordclaw_mcp.models import ContentItem, TransformPolicy
+
+
+class FeedConfig(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+    path: str = Field(description="The feed file, relative to WORDCLAW_FEEDS_DIR, e.g. 'news/feed.xml'.")
+    title: str = Field(min_length=1, max_length=500)
+    link: HttpUrl = Field(description="The site the feed belongs to.")
+    description: str = Field("", max_length=5000)
+    max_items: int = Field(50, ge=1, le=1000)
+
+    @field_validator("path")
+    @classmethod
+    def _relative(cls, value: str) -> str:
+        path = PurePosixPath(value)
+        if path.is_absolute() or ".." in path.parts or not path.name or "\x00" in value:
+            raise ValueError("must be a relative path inside the feeds directory, without '..'")
+        return value
+
+
+class FeedAdapter(Adapter):
+    config_model = FeedConfig
+    feed_format: ClassVar[str]  # "rss" or "atom"
+
+    async def check_target(self, config: BaseModel) -> None:
+        assert isinstance(config, FeedConfig)
+        folder = self._file(config).parent
+        try:
+            await anyio.Path(folder).mkdir(parents=True, exist_ok=True)
+            writable = os.access(folder, os.W_OK)
+        except OSError:
+            writable = False
+        if not writable:
+            raise DistributionError(
+                "INVALID_TARGET_CONFIG",
+                f"The feed's folder {config.path!r} cannot be written by WordClaw.",
+                "Choose another path, or make the folder under WORDCLAW_FEEDS_DIR writable.",
+            )
+
+    def transform(self, content: ContentItem, policy: TransformPolicy) -> dict[str, Any]:
+        html = render_body(content, policy.model_copy(update={"output_format": "html"})) if policy.include_body else ""
+        return {
+            # One entry per item, whatever its version: a new version or a redelivery replaces it.
+            "guid": f"urn:uuid:{content.id}",
+            "title": content.title,
+            "link": canonical_link(content, policy),
+            "summary": content.summary,
+            "contentHtml": html,
+            "author": (content.metadata.get("author") if policy.include_attribution else None) or None,
+            "rights": attribution(content) if policy.include_attribution else None,
+            "published": content.created_at.isoformat(),
+            "updated": content.updated_at.isoformat(),
+        }
+
+    async def deliver(
+        self, payload: dict[str, Any], target: DeliveryTarget, *, message_id: str | None = None
+    ) -> DeliveryResult:
+        if self.store is None:
+            raise RuntimeError("a feed channel needs the registry's store")
+        config = FeedConfig.model_validate(target.config)
+        published = datetime.fromisoformat(payload["published"])
+        await self.store.put_feed_item(target.id, payload["guid"], payload, published)
+        xml = self.render(config, await self.store.feed_items(target.id, config.max_items))
+        try:
+            await anyio.to_thread.run_sync(_write_atomically, self._file(config), xml)
+        except OSError as exc:
+            return DeliveryResult(succeeded=False, retryable=True, error=f"The feed file could not be written: {exc}")
+        return DeliveryResult(succeeded=True, external_url=str(config.link), raw_meta={"path": config.path})
+
+    async def read(self, target_id: UUID, config: dict[str, Any]) -> str | None:
+        if self.store is None:
+            return None
+        feed = FeedConfig.model_validate(config)
+        return self.render(feed, await self.store.feed_items(target_id, feed.max_items))
+
+    def render(self, config: FeedConfig, entries: list[dict[str, Any]]) -> str:
+        """The whole feed, newest entry first."""
+        feed = FeedGenerator()
+        feed.id(str(config.link))
+        feed.title(config.title)
+        feed.link(href=str(config.link), rel="alternate")
+        feed.description(config.description or config.title)
+        feed.generator("WordClaw Distribution")
+        for entry in reversed(entries):  # feedgen puts the last added first
+            item = feed.add_entry()
+            item.id(entry["guid"])
+            item.guid(entry["guid"], permalink=False)
+            item.title(entry["title"])
+            if entry.get("link"):
+                item.link(href=entry["link"])
+            if entry.get("summary"):
+                item.summary(entry["summary"])
+            if entry.get("contentHtml"):
+                item.content(entry["contentHtml"], type="CDATA" if self.feed_format == "rss" else "html")
+            if entry.get("author"):
+                item.author(name=entry["author"], email=None)
+            item.published(entry["published"])
+            item.updated(entry["updated"])
+        if entries:
+            feed.updated(max(entry["updated"] for entry in entries))
+        raw = feed.rss_str(pretty=True) if self.feed_format == "rss" else feed.atom_str(pretty=True)
+        return raw.decode()
+
+    def _file(self, config: FeedConfig) -> Path:
+        base = (self.options.feeds_dir or Path("feeds")).resolve()
+        path = (base / config.path).resolve()
+        if not path.is_relative_to(base):  # a symlink pointing out of the folder
+            raise DistributionError(
+                "INVALID_TARGET_CONFIG",
+                f"The feed path {config.path!r} leads outside the feeds folder.",
+                "Use another path.",
+            )
+        return path
+
+
+def _write_atomically(path: Path, content: str) -> None:
+    """Write a temporary file beside ``path`` and rename it over: readers see the old feed or the new."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, draft = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(content)
+        os.chmod(draft, 0o644)
+        os.replace(draft, path)
+    except BaseException:
+        Path(draft).unlink(missing_ok=True)
+        raise
