@@ -175,6 +175,14 @@ CREATE TABLE IF NOT EXISTS feed_items (
 
 CREATE INDEX IF NOT EXISTS feed_items_latest ON feed_items (target_id, published_at DESC);
 
+-- A channel's login session for a target (a Bluesky session's tokens), encrypted like the
+-- target's secrets, so a worker reuses it instead of logging in for every post.
+CREATE TABLE IF NOT EXISTS channel_sessions (
+    target_id   uuid PRIMARY KEY REFERENCES distribution_targets (id) ON DELETE CASCADE,
+    ciphertext  bytea NOT NULL,
+    updated_at  timestamptz NOT NULL DEFAULT now()
+);
+
 CREATE TABLE IF NOT EXISTS distribution_receipts (
     id             uuid PRIMARY KEY DEFAULT gen_random_uuid(),
     job_id         uuid NOT NULL REFERENCES distribution_jobs (id) ON DELETE CASCADE,

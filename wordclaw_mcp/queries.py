@@ -91,6 +91,13 @@ FEED_ITEMS = """
 SELECT entry FROM feed_items WHERE target_id = $1 ORDER BY published_at DESC, guid LIMIT $2
 """
 
+GET_CHANNEL_SESSION = "SELECT ciphertext FROM channel_sessions WHERE target_id = $1"
+
+PUT_CHANNEL_SESSION = """
+INSERT INTO channel_sessions (target_id, ciphertext) VALUES ($1, $2)
+ON CONFLICT (target_id) DO UPDATE SET ciphertext = excluded.ciphertext, updated_at = now()
+"""
+
 GET_FEED_TARGET = "SELECT channel_type, config_json AS config FROM distribution_targets WHERE id = $1"
 
 LIST_TARGETS = f"SELECT {_TARGET_COLUMNS} FROM distribution_targets ORDER BY created_at, name"

@@ -32,6 +32,7 @@ class Runtime:
     async def open(cls, settings: Settings) -> AsyncIterator[Runtime]:
         """Connect (starting the embedded database if needed), verify the schema, and listen."""
         pool, url = await open_pool(settings)
+        secret_box = SecretBox.from_settings(settings)
         notifications = Notifications(url)
         adapters = AdapterRegistry(
             AdapterOptions(
@@ -40,11 +41,11 @@ class Runtime:
                 ca_bundle=settings.ca_bundle,
                 feeds_dir=settings.feeds_path,
             ),
-            ChannelStore(pool),
+            ChannelStore(pool, secret_box),
         )
         try:
             await notifications.start()
-            yield cls(settings, pool, notifications, adapters, SecretBox.from_settings(settings))
+            yield cls(settings, pool, notifications, adapters, secret_box)
         finally:
             await notifications.close()
             await adapters.aclose()

@@ -1,5 +1,6 @@
-"""What an adapter may keep in the database: today, a feed's entries. Given to adapters by the
-registry (``Adapter.store``), so that channels need no database access of their own."""
+"""What an adapter may keep in the database: a feed's entries, and a login session (encrypted like
+target secrets). Given to adapters by the registry (``Adapter.store``), so that channels need no
+database access of their own."""
 
 from __future__ import annotations
 
@@ -10,11 +11,20 @@ from uuid import UUID
 import asyncpg
 
 from . import queries
+from .secrets import SecretBox
 
 
 class ChannelStore:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, secrets: SecretBox) -> None:
         self.pool = pool
+        self.secrets = secrets
+
+    async def session(self, target_id: UUID) -> dict[str, str] | None:
+        ciphertext = await self.pool.fetchval(queries.GET_CHANNEL_SESSION, target_id)
+        return self.secrets.decrypt(ciphertext) if ciphertext else None
+
+    async def put_session(self, target_id: UUID, session: dict[str, str]) -> None:
+        await self.pool.execute(queries.PUT_CHANNEL_SESSION, target_id, self.secrets.encrypt(session))
 
     async def put_feed_item(self, target_id: UUID, guid: str, entry: dict[str, Any], published: datetime) -> None:
         await self.pool.execute(queries.UPSERT_FEED_ITEM, target_id, guid, entry, published)

@@ -201,3 +201,18 @@ def _inline_text(children: list[Any]) -> str:
         elif child.type == "image":
             parts.append(child.content or "")
     return "".join(parts)
+
+
+def link_facets(text: str) -> list[dict[str, Any]]:
+    """Bluesky's link facets for the http(s) URLs in ``text``: ranges in UTF-8 bytes, as the AT
+    Protocol counts them, not in characters."""
+    facets = []
+    for start, end, url in urls(text):
+        byte_start = len(text[:start].encode())
+        facets.append(
+            {
+                "index": {"byteStart": byte_start, "byteEnd": byte_start + len(text[start:end].encode())},
+                "features": [{"$type": "app.bsky.richtext.facet#link", "uri": url}],
+            }
+        )
+    return facets

@@ -20,6 +20,7 @@ from wordclaw_mcp.adapters import (
 )
 
 from .atom import AtomAdapter
+from .bluesky import BlueskyAdapter
 from .email import EmailAdapter
 from .mastodon import MastodonAdapter
 from .rss import RssAdapter
@@ -31,6 +32,7 @@ __all__ = [
     "AdapterOptions",
     "AdapterRegistry",
     "AtomAdapter",
+    "BlueskyAdapter",
     "DeliveryResult",
     "DeliveryTarget",
     "EmailAdapter",

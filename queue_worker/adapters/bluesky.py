@@ -1,0 +1,193 @@
+"""Bluesky (AT Protocol): post the item to a PDS, logging in once and reusing the session.
+
+Each job writes its post under a record key derived from the job id, so a retry after a lost
+answer collides with the post it already made instead of posting twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl
+from pydantic.alias_generators import to_camel
+
+from wordclaw_mcp import http, netguard, ratelimit, redaction, text
+from wordclaw_mcp.adapters import (
+    Adapter,
+    DeliveryResult,
+    DeliveryTarget,
+    Progress,
+    delivery_progress,
+    social_post,
+)
+from wordclaw_mcp.models import ContentItem, TransformPolicy
+
+POST_COLLECTION = "app.bsky.feed.post"
+WEB_POST = "https://bsky.app/profile/{did}/post/{rkey}"
+_TID_ALPHABET = "234567abcdefghijklmnopqrstuvwxyz"  # base32-sortable, as TIDs are written
+
+
+class BlueskyConfig(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+    base_url: HttpUrl = Field(HttpUrl("https://bsky.social"), description="The account's PDS.")
+    identifier: str = Field(min_length=1, max_length=253, description="The handle or DID to log in as.")
+
+
+class BlueskySecrets(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+    app_password: str = Field(min_length=1, description="An app password (Settings > App passwords).")
+
+
+class BlueskyError(Exception):
+    def __init__(self, result: DeliveryResult) -> None:
+        self.result = result
+
+
+def record_key(message_id: str) -> str:
+    """A TID-shaped record key (13 characters, base32-sortable) that is the same for every attempt of a job."""
+    number = int.from_bytes(hashlib.sha256(message_id.encode()).digest()[:8], "big") >> 1  # 63 bits, top bit clear
+    return "".join(_TID_ALPHABET[(number >> shift) & 31] for shift in range(60, -1, -5))
+
+
+class BlueskyAdapter(Adapter):
+    channel_type = "bluesky"
+    config_model = BlueskyConfig
+    secrets_model = BlueskySecrets
+    secrets_required = True
+
+    async def check_target(self, config: BaseModel) -> None:
+        assert isinstance(config, BlueskyConfig)
+        await netguard.check_url(str(config.base_url), allow_private=self.options.allow_private_targets)
+
+    def policy_for(self, config: dict[str, Any], policy: TransformPolicy) -> TransformPolicy:
+        limit = text.limit_for("bluesky").max_length
+        return policy.model_copy(update={"max_length": min(policy.max_length or limit, limit)})
+
+    def transform(self, content: ContentItem, policy: TransformPolicy) -> dict[str, Any]:
+        post = self.fit(content, policy).text
+        return {"text": post, "facets": text.link_facets(post)}
+
+    def fit(self, content: ContentItem, policy: TransformPolicy) -> text.Cut:
+        return social_post(content, policy, text.limit_for("bluesky", policy.max_length))
+
+    async def deliver(
+        self, payload: dict[str, Any], target: DeliveryTarget, *, message_id: str | None = None
+    ) -> DeliveryResult:
+        config = BlueskyConfig.model_validate(target.config)
+        password = target.secrets["appPassword"]
+        base = str(config.base_url).rstrip("/")
+        rkey = record_key(message_id or str(time.time_ns()))
+        started = time.monotonic()
+        try:
+            session = await self._session(target.id, base, config.identifier, password)
+            answer = await self._create(base, session, rkey, payload)
+            if _error(answer) == "ExpiredToken":
+                session = await self._refresh(target.id, base, session, config.identifier, password)
+                answer = await self._create(base, session, rkey, payload)
+        except BlueskyError as exc:
+            return exc.result
+        except http.HttpError as exc:
+            # Safe to retry even if it was sent: the record key makes the repeat collide.
+            retryable = not isinstance(exc, http.TargetRefused) or exc.code == "TARGET_UNRESOLVABLE"
+            return DeliveryResult(succeeded=False, retryable=retryable, error=f"{type(exc).__name__}: {exc}")
+        elapsed = round((time.monotonic() - started) * 1000)
+        return _outcome(answer, session["did"], rkey, password, elapsed_ms=elapsed)
+
+    async def _session(self, target_id: UUID, base: str, identifier: str, password: str) -> dict[str, str]:
+        if self.store is not None and (kept := await self.store.session(target_id)):
+            return kept
+        return await self._login(target_id, base, identifier, password)
+
+    async def _login(self, target_id: UUID, base: str, identifier: str, password: str) -> dict[str, str]:
+        answer = await self.http.request(
+            "POST",
+            f"{base}/xrpc/com.atproto.server.createSession",
+            json={"identifier": identifier, "password": password},
+            timeout=self.options.timeout,
+        )
+        body = answer.json_or_none()
+        if answer.status != 200 or not isinstance(body, dict) or not body.get("accessJwt"):
+            raise BlueskyError(_failure(answer, password, "Logging in failed"))
+        session = {key: str(body[key]) for key in ("accessJwt", "refreshJwt", "did")}
+        if self.store is not None:
+            await self.store.put_session(target_id, session)
+        return session
+
+    async def _refresh(
+        self, target_id: UUID, base: str, session: dict[str, str], identifier: str, password: str
+    ) -> dict[str, str]:
+        answer = await self.http.request(
+            "POST",
+            f"{base}/xrpc/com.atproto.server.refreshSession",
+            headers={"authorization": f"Bearer {session['refreshJwt']}"},
+            timeout=self.options.timeout,
+        )
+        body = answer.json_or_none()
+        if answer.status != 200 or not isinstance(body, dict) or not body.get("accessJwt"):
+            return await self._login(target_id, base, identifier, password)  # the refresh token ran out too
+        fresh = {key: str(body[key]) for key in ("accessJwt", "refreshJwt", "did")}
+        if self.store is not None:
+            await self.store.put_session(target_id, fresh)
+        return fresh
+
+    async def _create(self, base: str, session: dict[str, str], rkey: str, payload: dict[str, Any]) -> http.Answer:
+        record = {
+            "$type": POST_COLLECTION,
+            "text": payload["text"],
+            "createdAt": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        }
+        if payload.get("facets"):
+            record["facets"] = payload["facets"]
+        delivery_progress.set(Progress.MAYBE_SENT)
+        return await self.http.request(
+            "POST",
+            f"{base}/xrpc/com.atproto.repo.createRecord",
+            headers={"authorization": f"Bearer {session['accessJwt']}"},
+            json={"repo": session["did"], "collection": POST_COLLECTION, "rkey": rkey, "record": record},
+            timeout=self.options.timeout,
+            on_answer=lambda: delivery_progress.set(Progress.SENT),
+        )
+
+
+def _error(answer: http.Answer) -> str | None:
+    body = answer.json_or_none()
+    return str(body.get("error")) if isinstance(body, dict) and body.get("error") else None
+
+
+def _outcome(answer: http.Answer, did: str, rkey: str, password: str, *, elapsed_ms: int) -> DeliveryResult:
+    url = WEB_POST.format(did=did, rkey=rkey)
+    meta = {"elapsedMs": elapsed_ms, "rkey": rkey}
+    if answer.status == 200:
+        body = answer.json_or_none() or {}
+        return DeliveryResult(
+            succeeded=True, status_code=200, external_url=url, raw_meta={**meta, "uri": body.get("uri")}
+        )
+    message = str((answer.json_or_none() or {}).get("message") or "")
+    if answer.status == 400 and "already exists" in message.lower():
+        # An earlier attempt made this post and its answer was lost: it is there, once.
+        return DeliveryResult(succeeded=True, status_code=400, external_url=url, raw_meta={**meta, "collided": True})
+    return _failure(answer, password, "Posting failed")
+
+
+def _failure(answer: http.Answer, password: str, doing: str) -> DeliveryResult:
+    body = answer.json_or_none()
+    said = f"{body.get('error')}: {body.get('message')}" if isinstance(body, dict) else answer.reason
+    error = f"{doing}: Bluesky answered HTTP {answer.status} ({said})."
+    if answer.status == 401:
+        error += " Check the target's identifier and appPassword, and register it again."
+    throttled, until = ratelimit.throttle(answer.status, answer.headers)
+    return DeliveryResult(
+        succeeded=False,
+        status_code=answer.status,
+        error=redaction.scrub(error, [password]),
+        retryable=answer.status >= 500 or answer.status == 429,
+        raw_meta={"responseBody": redaction.scrub(answer.text, [password])},
+        throttled=throttled,
+        throttled_until=until,
+    )

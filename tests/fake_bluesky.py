@@ -1,0 +1,159 @@
+"""A Bluesky PDS's XRPC endpoints on 127.0.0.1, as faithful as the tests need.
+
+``com.atproto.server.createSession`` (identifier and app password, else 401
+``AuthenticationRequired``), ``refreshSession`` (the refresh JWT), and
+``com.atproto.repo.createRecord`` for ``app.bsky.feed.post``: Bearer access JWT (an expired
+one answers 400 ``ExpiredToken``), the record checked as a PDS would (its ``$type``, at most
+300 graphemes and 3,000 bytes, each link facet's UTF-8 byte range covering its URI), a record
+key already used answering 400 ``InvalidRequest`` "Record already exists", and ``ratelimit-*``
+headers with 429 once the budget is spent. Errors are ``{"error", "message"}``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import regex
+
+DID = "did:plc:wordclawtest000000000000"
+
+
+@dataclass
+class Account:
+    identifier: str = "wordclaw.bsky.social"
+    app_password: str = "abcd-efgh-ijkl-mnop"
+    remaining: int = 100
+    sessions: int = 0
+    refreshes: int = 0
+    valid_access: set[str] = field(default_factory=set)
+    expired_access: set[str] = field(default_factory=set)
+    valid_refresh: set[str] = field(default_factory=set)
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    drop_answers: int = 0
+    creates: int = 0
+
+    def expire_sessions(self) -> None:
+        self.expired_access |= self.valid_access
+        self.valid_access.clear()
+
+
+class FakeBluesky:
+    def __init__(self) -> None:
+        self.account = Account()
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self) -> FakeBluesky:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                raw = self.rfile.read(int(self.headers.get("content-length") or 0))
+                bearer = (self.headers.get("authorization") or "").removeprefix("Bearer ")
+                with fake._lock:
+                    status, body, drop = fake._post(self.path, bearer, json.loads(raw or b"{}"))
+                if drop:
+                    self.close_connection = True
+                    return
+                payload = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(payload)))
+                self.send_header("ratelimit-limit", "100")
+                self.send_header("ratelimit-remaining", str(max(fake.account.remaining, 0)))
+                self.send_header("ratelimit-reset", str(int(time.time()) + 300))
+                self.end_headers()
+                self.wfile.write(payload)
+
+        return Handler
+
+    def _tokens(self) -> dict[str, Any]:
+        account = self.account
+        account.sessions += 1
+        access, refresh = f"access-{account.sessions}-{time.time_ns()}", f"refresh-{account.sessions}-{time.time_ns()}"
+        account.valid_access.add(access)
+        account.valid_refresh.add(refresh)
+        return {"accessJwt": access, "refreshJwt": refresh, "did": DID, "handle": account.identifier, "active": True}
+
+    def _post(self, path: str, bearer: str, body: dict[str, Any]) -> tuple[int, dict[str, Any], bool]:
+        account = self.account
+        if path == "/xrpc/com.atproto.server.createSession":
+            if (body.get("identifier"), body.get("password")) != (account.identifier, account.app_password):
+                return 401, _error("AuthenticationRequired", "Invalid identifier or password"), False
+            return 200, self._tokens(), False
+        if path == "/xrpc/com.atproto.server.refreshSession":
+            if bearer not in account.valid_refresh:
+                return 400, _error("ExpiredToken", "Token has expired"), False
+            account.valid_refresh.discard(bearer)
+            account.refreshes += 1
+            return 200, self._tokens(), False
+        if path != "/xrpc/com.atproto.repo.createRecord":
+            return 404, _error("MethodNotImplemented", "Method Not Implemented"), False
+        if bearer in account.expired_access:
+            return 400, _error("ExpiredToken", "Token has expired"), False
+        if bearer not in account.valid_access:
+            return 401, _error("AuthenticationRequired", "Invalid token"), False
+        if account.remaining <= 0:
+            return 429, _error("RateLimitExceeded", "Rate Limit Exceeded"), False
+        account.remaining -= 1
+        account.creates += 1
+        record = body.get("record") or {}
+        problem = _invalid(body, record)
+        if problem:
+            return 400, _error("InvalidRequest", problem), False
+        rkey = body["rkey"]
+        if rkey in account.records:
+            return (
+                400,
+                _error("InvalidRequest", f"Record already exists at at://{DID}/app.bsky.feed.post/{rkey}"),
+                False,
+            )
+        account.records[rkey] = record
+        answer = {"uri": f"at://{DID}/app.bsky.feed.post/{rkey}", "cid": "bafyreib2rxk3rybloqtqwbo"}
+        if account.drop_answers > 0:
+            account.drop_answers -= 1
+            return 0, {}, True
+        return 200, answer, False
+
+
+def _invalid(body: dict[str, Any], record: dict[str, Any]) -> str | None:
+    if body.get("repo") != DID or body.get("collection") != "app.bsky.feed.post" or not body.get("rkey"):
+        return "Input must have the properties repo, collection and rkey"
+    if record.get("$type") != "app.bsky.feed.post" or not record.get("createdAt"):
+        return "Invalid app.bsky.feed.post record"
+    post = str(record.get("text") or "")
+    if len(regex.findall(r"\X", post)) > 300 or len(post.encode()) > 3000:
+        return "Record/text must not be longer than 300 graphemes"
+    data = post.encode()
+    for facet in record.get("facets") or []:
+        index, [feature] = facet["index"], facet["features"]
+        if data[index["byteStart"] : index["byteEnd"]].decode(errors="replace") != feature["uri"]:
+            return "Invalid facet: its byte range does not hold its link"
+    return None
+
+
+def _error(name: str, message: str) -> dict[str, str]:
+    return {"error": name, "message": message}

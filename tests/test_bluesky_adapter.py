@@ -1,0 +1,145 @@
+"""The Bluesky channel against a faithful local PDS (tests/fake_bluesky.py): one login reused and
+refreshed, kept encrypted; link facets at UTF-8 byte offsets; and a record key per job, so a
+retry collides with its post instead of posting twice."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import asyncpg
+import pytest
+
+from queue_worker.adapters.bluesky import record_key
+from queue_worker.worker import Worker
+from tests.fake_bluesky import DID, FakeBluesky
+from wordclaw_mcp.models import CreateDistributionPlanInput, PlanRef, RegisterTargetInput, UpsertContentItemInput
+from wordclaw_mcp.service import DistributionService
+from wordclaw_mcp.text import link_facets
+
+pytestmark = pytest.mark.anyio
+
+LINK = "https://example.com/posts/fan-out"
+
+
+@pytest.fixture
+def pds() -> Iterator[FakeBluesky]:
+    with FakeBluesky() as fake:
+        yield fake
+
+
+async def target(service: DistributionService, pds: FakeBluesky, password: str | None = None):
+    return await service.register_target(
+        RegisterTargetInput(
+            name="skeets",
+            channel_type="bluesky",
+            config={"baseUrl": pds.base_url, "identifier": pds.account.identifier},
+            secrets={"appPassword": password or pds.account.app_password},
+        )
+    )
+
+
+async def publish(service: DistributionService, target_id, title: str = "Ünïcödé 日本 👍🏽 launch"):
+    item = await service.upsert_content_item(
+        UpsertContentItemInput(title=title, body="We shipped.", canonical_url=LINK)
+    )
+    return await service.create_distribution_plan(
+        CreateDistributionPlanInput(content_item_id=item.id, target_ids=[target_id])
+    )
+
+
+async def test_a_post_carries_link_facets_at_byte_offsets_and_the_session_is_kept_encrypted(
+    service: DistributionService, worker: Worker, pds: FakeBluesky, db: asyncpg.Connection
+) -> None:
+    registered = await target(service, pds)
+    plan = await publish(service, registered.id)
+    await worker.run_once()
+
+    [(rkey, record)] = pds.account.records.items()
+    assert record["text"] == f"Ünïcödé 日本 👍🏽 launch\n\nWe shipped.\n\n{LINK}"
+    [facet] = record["facets"]
+    assert record["text"].encode()[facet["index"]["byteStart"] : facet["index"]["byteEnd"]] == LINK.encode()
+    assert facet["index"]["byteStart"] > record["text"].index(LINK), "offsets are bytes, not characters"
+    job_id = plan.jobs[0].id
+    assert rkey == record_key(str(job_id))
+    [receipt] = (await service.get_receipts(PlanRef(plan_id=plan.id))).receipts
+    assert receipt.succeeded and receipt.external_url == f"https://bsky.app/profile/{DID}/post/{rkey}"
+
+    ciphertext = await db.fetchval("SELECT ciphertext FROM channel_sessions WHERE target_id = $1", registered.id)
+    assert ciphertext and b"access-" not in ciphertext and b"refresh-" not in ciphertext
+
+    await publish(service, registered.id, title="Second")
+    await worker.run_once()
+    assert pds.account.sessions == 1, "the session was not reused"
+
+
+async def test_an_expired_session_is_refreshed(service: DistributionService, worker: Worker, pds: FakeBluesky) -> None:
+    registered = await target(service, pds)
+    await publish(service, registered.id)
+    await worker.run_once()
+    pds.account.expire_sessions()
+    plan = await publish(service, registered.id, title="After expiry")
+    await worker.run_once()
+    assert (await service.get_plan(PlanRef(plan_id=plan.id))).status == "succeeded"
+    assert (pds.account.sessions, pds.account.refreshes) == (2, 1)
+
+
+async def test_a_retry_after_a_lost_answer_collides_with_its_post_instead_of_posting_twice(
+    service: DistributionService, worker: Worker, pds: FakeBluesky, db: asyncpg.Connection
+) -> None:
+    registered = await target(service, pds)
+    plan = await publish(service, registered.id)
+    pds.account.drop_answers = 1
+    await worker.run_once()
+    [job] = (await service.get_plan(PlanRef(plan_id=plan.id))).jobs
+    assert job.status == "queued"
+    await db.execute("UPDATE distribution_jobs SET next_attempt_at = now() WHERE id = $1", job.id)
+    await worker.run_once()
+    assert (await service.get_plan(PlanRef(plan_id=plan.id))).status == "succeeded"
+    assert pds.account.creates == 2 and len(pds.account.records) == 1
+
+
+async def test_a_wrong_app_password_fails_the_job_without_showing_it(
+    service: DistributionService, worker: Worker, pds: FakeBluesky
+) -> None:
+    registered = await target(service, pds, password="wrong-pass-word-here")
+    plan = await publish(service, registered.id)
+    await worker.run_once()
+    [job] = (await service.get_plan(PlanRef(plan_id=plan.id))).jobs
+    assert job.status == "failed" and "appPassword" in job.last_error
+    [receipt] = (await service.get_receipts(PlanRef(plan_id=plan.id))).receipts
+    assert receipt.status_code == 401 and "wrong-pass-word-here" not in json.dumps(receipt.model_dump(mode="json"))
+
+
+async def test_a_spent_rate_limit_suspends_the_target(
+    service: DistributionService, worker: Worker, pds: FakeBluesky
+) -> None:
+    registered = await target(service, pds)
+    pds.account.remaining = 0
+    plan = await publish(service, registered.id)
+    await worker.run_once()
+    [job] = (await service.get_plan(PlanRef(plan_id=plan.id))).jobs
+    assert job.status == "queued"
+    [listed] = (await service.list_targets()).targets
+    assert listed.suspended_until is not None
+
+
+@pytest.mark.parametrize(
+    ("text", "spans"),
+    [
+        (f"see {LINK}", [(4, 4 + len(LINK))]),
+        (f"日本 {LINK} and https://a.example.com/b", [(7, 7 + len(LINK)), (7 + len(LINK) + 5, 7 + len(LINK) + 28)]),
+        (f"👍🏽 {LINK}", [(9, 9 + len(LINK))]),
+        ("no links, example.com is not one", []),
+    ],
+)
+def test_link_facets_count_utf8_bytes(text: str, spans: list[tuple[int, int]]) -> None:
+    facets = link_facets(text)
+    assert [(f["index"]["byteStart"], f["index"]["byteEnd"]) for f in facets] == spans
+    assert all(f["features"][0]["$type"] == "app.bsky.richtext.facet#link" for f in facets)
+
+
+def test_a_record_key_is_a_tid_shaped_key_stable_per_job() -> None:
+    key = record_key("3b6f0a0e-6a1b-4b8e-9a57-6d7f2c1e9f10")
+    assert key == record_key("3b6f0a0e-6a1b-4b8e-9a57-6d7f2c1e9f10") != record_key("another job")
+    assert len(key) == 13 and set(key) <= set("234567abcdefghijklmnopqrstuvwxyz") and key[0] in "234567abcdefghij"
