@@ -207,3 +207,20 @@ def test_a_post_without_the_body_carries_the_title_summary_and_link() -> None:
     # With the body: its excerpt, never the whole body.
     no_summary = item.model_copy(update={"summary": None, "body": "First.\n\nSecond."})
     assert MastodonAdapter().transform(no_summary, TransformPolicy())["status"] == "T\n\nFirst.\n\nhttps://e.com/p"
+
+
+async def test_a_default_policy_that_cannot_fit_is_refused_when_the_target_is_registered(
+    service: DistributionService, mastodon: FakeMastodon
+) -> None:
+    with pytest.raises(DistributionError) as refused:
+        await service.register_target(
+            RegisterTargetInput(
+                name="tiny",
+                channel_type="mastodon",
+                config={"baseUrl": mastodon.base_url, "maxCharacters": 40},
+                secrets={"accessToken": "t"},
+                transform_policy=TransformPolicy(hashtags=["launch", "release", "shipping", "news"]),
+            )
+        )
+    assert refused.value.code == "POLICY_DOES_NOT_FIT" and "maxLength" in refused.value.remediation
+    assert (await service.list_targets()).targets == []

@@ -87,6 +87,8 @@ class DistributionService:
         generated = adapter.generate_secrets(secrets)
         secrets |= generated
         await adapter.check_target(config)
+        if request.transform_policy:
+            self._check_policy_fits(adapter, request)
         # Secret parts of the config (a token in a URL) are encrypted with the secrets, and only
         # the redacted rest is stored in clear and shown.
         sealed = adapter.seal_config(config.model_dump(mode="json", by_alias=True))
@@ -111,6 +113,33 @@ class DistributionService:
                 "Call list_targets to find its id, or register under another name.",
             )
         return Target.model_validate({**row, "generated_secrets": generated or None})
+
+    def _check_policy_fits(self, adapter: Any, request: RegisterTargetInput) -> None:
+        """Refuse a default policy whose kept parts (hashtags, attribution, a link) cannot fit the
+        channel's post even around the shortest item, rather than fail every plan later."""
+        assert request.transform_policy is not None
+        now = datetime.now(UTC)
+        probe = ContentItem(
+            id=UUID(int=0),
+            title="T",
+            body="",
+            summary=None,
+            canonical_url="https://example.com/",
+            metadata={"author": "A", "license": "L"},
+            version=1,
+            created_at=now,
+            updated_at=now,
+        )
+        policy = adapter.policy_for(request.config, request.transform_policy)
+        try:
+            adapter.transform(probe, policy)
+        except text.DoesNotFit as exc:
+            raise errors.DistributionError(
+                "POLICY_DOES_NOT_FIT",
+                f"This target's transform policy cannot fit a {request.channel_type} post: {exc}.",
+                "Raise maxLength (or the target's own limit), or drop hashtags, includeAttribution or "
+                "includeCanonicalUrl from the policy.",
+            ) from None
 
     async def rotate_target_secret(self, request: RotateTargetSecretInput) -> SecretRotation:
         """A new secret for a target, shown once; the old one stays valid for the grace period."""
