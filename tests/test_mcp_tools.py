@@ -21,7 +21,7 @@ from wordclaw_mcp.server import build_server
 pytestmark = pytest.mark.anyio
 
 TOOL_ARGUMENTS = {
-    "upsert_content_item": {"id", "title", "body", "summary", "canonicalUrl", "metadata"},
+    "upsert_content_item": {"id", "title", "body", "bodyFormat", "summary", "canonicalUrl", "metadata"},
     "register_target": {
         "name",
         "channelType",

@@ -460,3 +460,14 @@ async def test_a_plan_naming_a_deactivated_target_is_refused(
         )
     assert refused.value.code == "TARGET_INACTIVE"
     assert refused.value.details["inactiveTargetIds"] == [str(target_ids[0])]
+
+
+async def test_an_item_whose_body_arrives_as_html_is_kept_as_markdown(service: DistributionService) -> None:
+    item = await service.upsert_content_item(
+        UpsertContentItemInput(
+            title="From a CMS",
+            body="<h2>Launch</h2><p>We <em>shipped</em> <a href='https://e.com'>it</a>.</p><script>x()</script>",
+            body_format="html",
+        )
+    )
+    assert item.body == "## Launch\n\nWe *shipped* [it](https://e.com)."

@@ -32,7 +32,13 @@ from tests.helpers import new_signing_secret
 from wordclaw_mcp import netguard
 from wordclaw_mcp.errors import DistributionError
 from wordclaw_mcp.http import CheckedResolver, DeadlineExceeded, HttpClient, TargetRefused
-from wordclaw_mcp.models import ContentItem, TransformPolicy
+from wordclaw_mcp.models import (
+    ContentItem,
+    CreateDistributionPlanInput,
+    RegisterTargetInput,
+    TransformPolicy,
+    UpsertContentItemInput,
+)
 from wordclaw_mcp.receiver import WebhookReceiver
 
 pytestmark = pytest.mark.anyio
@@ -728,3 +734,28 @@ def test_retry_delays_follow_the_schedule_with_bounded_jitter() -> None:
     assert retry_delay(99) <= SCHEDULE_SECONDS[-1] * 1.1
     assert retry_delay(1, retry_after=600) == 600
     assert retry_delay(1, retry_after=10**9) == 24 * 3600
+
+
+async def test_extra_headers_are_sent_kept_secret_and_cannot_override_the_signature(
+    service, worker, receiver: WebhookReceiver
+) -> None:
+    target = await service.register_target(
+        RegisterTargetInput(
+            name="keyed",
+            channel_type="webhook",
+            config={"url": receiver.url, "headers": {"X-Api-Key": "k3y-value"}, "timeoutSeconds": 3},
+        )
+    )
+    assert target.config["headers"] == {"X-Api-Key": "[redacted]"} and target.config["timeoutSeconds"] == 3
+    item = await service.upsert_content_item(UpsertContentItemInput(title="T", body="b"))
+    await service.create_distribution_plan(CreateDistributionPlanInput(content_item_id=item.id, target_ids=[target.id]))
+    await worker.run_once()
+    [request] = receiver.requests
+    assert request.headers["x-api-key"] == "k3y-value" and "webhook-signature" in request.headers
+    assert "k3y-value" not in (await service.list_targets()).model_dump_json()
+    for bad in ({"webhook-signature": "v1,forged"}, {"X-Evil": "a\r\nInjected: yes"}, {"bad name": "x"}):
+        with pytest.raises(DistributionError) as refused:
+            await service.register_target(
+                RegisterTargetInput(name="bad", channel_type="webhook", config={"url": receiver.url, "headers": bad})
+            )
+        assert refused.value.code == "INVALID_TARGET_CONFIG"

@@ -60,6 +60,9 @@ class UpsertContentItemInput(InputModel):
     id: UUID | None = Field(None, description="Omit to create a new item; give an existing id to update it.")
     title: Annotated[str, Field(min_length=1, max_length=500)]
     body: str = Field(max_length=1_000_000, description="The body as Markdown, up to 1,000,000 characters.")
+    body_format: Literal["markdown", "html"] = Field(
+        "markdown", description="html: the body arrives as HTML and is stored as Markdown (markdownify)."
+    )
     summary: Annotated[str | None, Field(max_length=5_000)] = None
     canonical_url: HttpUrl | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)

@@ -49,7 +49,7 @@ class DistributionService:
     async def upsert_content_item(self, item: UpsertContentItemInput) -> ContentItem:
         values = (
             item.title,
-            item.body,
+            text.html_to_markdown(item.body) if item.body_format == "html" else item.body,
             item.summary,
             str(item.canonical_url) if item.canonical_url else None,
             item.metadata,
@@ -91,7 +91,7 @@ class DistributionService:
             self._check_policy_fits(adapter, request)
         # Secret parts of the config (a token in a URL) are encrypted with the secrets, and only
         # the redacted rest is stored in clear and shown.
-        sealed = adapter.seal_config(config.model_dump(mode="json", by_alias=True))
+        sealed = adapter.seal_config(config.model_dump(mode="json", by_alias=True, exclude_unset=True))
         secrets = {**secrets, **sealed.secrets}
         row = await self.pool.fetchrow(
             queries.INSERT_TARGET,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import secrets
 import time
 import uuid
@@ -31,14 +32,51 @@ USER_AGENT = "WordClaw-Distribution/0.1 (+webhook)"
 RESPONSE_BODY_LIMIT = http.DEFAULT_BODY_LIMIT
 # Throttling and server-side trouble pass; other 4xx and 3xx need someone to change something.
 RETRYABLE_STATUSES = frozenset({408, 425, 429})
+# The prefix of the keys under which seal_config keeps the values of a target's extra headers.
+HEADER_SECRET = "header:"
 # The key in a target's secrets under which seal_config keeps a URL that carries credentials.
 URL_SECRET = "url"
 
 
+# Headers a target may not set: the delivery's own, and what the HTTP layer decides.
+RESERVED_HEADERS = frozenset(
+    {
+        "content-type",
+        "content-length",
+        "host",
+        "user-agent",
+        "webhook-id",
+        "webhook-timestamp",
+        "webhook-signature",
+        "transfer-encoding",
+        "connection",
+    }
+)
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,100}$")
+
+
 class WebhookConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True)
 
     url: HttpUrl = Field(description="http or https endpoint that receives the POST.")
+    headers: dict[str, str] = Field(
+        default_factory=dict, max_length=20, description="Extra request headers, e.g. an API key the endpoint wants."
+    )
+    timeout_seconds: float | None = Field(
+        None, gt=0, le=120, description="The whole delivery's deadline; default WORDCLAW_DELIVERY_TIMEOUT."
+    )
+
+    @field_validator("headers")
+    @classmethod
+    def _plain_headers(cls, headers: dict[str, str]) -> dict[str, str]:
+        for name, value in headers.items():
+            if not _HEADER_NAME.match(name):
+                raise ValueError(f"{name!r} is not a valid header name")
+            if name.lower() in RESERVED_HEADERS:
+                raise ValueError(f"{name!r} is set by WordClaw and cannot be overridden")
+            if any(c in value for c in "\r\n\x00") or len(value) > 8000:
+                raise ValueError(f"the value of {name!r} holds a line break or is too long")
+        return headers
 
     @field_validator("url")
     @classmethod
@@ -94,12 +132,17 @@ class WebhookAdapter(Adapter):
         return stored, {"signingSecret": new}
 
     def seal_config(self, config: dict[str, Any]) -> SealedConfig:
-        """A URL with a query or a channel token is kept whole in the secrets and shown redacted."""
+        """A URL with a query or a channel token is kept whole in the secrets and shown redacted,
+        and so is every extra header's value (an API key, as often as not)."""
         url = str(config["url"])
         shown = redaction.redact_url(url)
-        if shown == url:
-            return SealedConfig(config)
-        return SealedConfig({**config, "url": shown}, {URL_SECRET: url})
+        sealed: dict[str, str] = {} if shown == url else {URL_SECRET: url}
+        headers = config.get("headers") or {}
+        sealed |= {HEADER_SECRET + name: value for name, value in headers.items() if value != redaction.REDACTED}
+        return SealedConfig(
+            {**config, "url": shown, **({"headers": dict.fromkeys(headers, redaction.REDACTED)} if headers else {})},
+            sealed,
+        )
 
     def transform(self, content: ContentItem, policy: TransformPolicy) -> dict[str, Any]:
         return {"type": "content.distributed", "data": render_content(content, policy)}
@@ -112,7 +155,11 @@ class WebhookAdapter(Adapter):
         url = target.secrets.get(URL_SECRET) or str(target.config["url"])
         body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
         sent_at = datetime.now(UTC)
+        timeout = float(target.config.get("timeoutSeconds") or self.options.timeout)
         headers = {
+            name: target.secrets.get(HEADER_SECRET + name, value)
+            for name, value in (target.config.get("headers") or {}).items()
+        } | {
             "content-type": "application/json",
             "user-agent": USER_AGENT,
             "webhook-id": message_id,
@@ -131,7 +178,7 @@ class WebhookAdapter(Adapter):
                 url,
                 headers=headers,
                 body=body.encode(),
-                timeout=self.options.timeout,
+                timeout=timeout,
                 max_body=RESPONSE_BODY_LIMIT,
                 on_answer=lambda: delivery_progress.set(Progress.SENT),
             )
@@ -149,7 +196,7 @@ class WebhookAdapter(Adapter):
             return DeliveryResult(
                 succeeded=False,
                 retryable=True,
-                error=f"The endpoint did not answer within {self.options.timeout:g} s.",
+                error=f"The endpoint did not answer within {timeout:g} s.",
             )
         except http.HttpError as exc:
             return DeliveryResult(succeeded=False, retryable=True, error=f"{type(exc).__name__}: {exc}")
