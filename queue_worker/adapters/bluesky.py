@@ -15,16 +15,16 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 from pydantic.alias_generators import to_camel
 
-from wordclaw_mcp import http, netguard, ratelimit, redaction, text
+from wordclaw_mcp import http, ratelimit, redaction, text
 from wordclaw_mcp.adapters import (
-    Adapter,
     DeliveryResult,
     DeliveryTarget,
     Progress,
     delivery_progress,
-    social_post,
 )
 from wordclaw_mcp.models import ContentItem, TransformPolicy
+
+from .social import SocialAdapter
 
 POST_COLLECTION = "app.bsky.feed.post"
 WEB_POST = "https://bsky.app/profile/{did}/post/{rkey}"
@@ -55,26 +55,16 @@ def record_key(message_id: str) -> str:
     return "".join(_TID_ALPHABET[(number >> shift) & 31] for shift in range(60, -1, -5))
 
 
-class BlueskyAdapter(Adapter):
+class BlueskyAdapter(SocialAdapter):
     channel_type = "bluesky"
     config_model = BlueskyConfig
     secrets_model = BlueskySecrets
     secrets_required = True
-
-    async def check_target(self, config: BaseModel) -> None:
-        assert isinstance(config, BlueskyConfig)
-        await netguard.check_url(str(config.base_url), allow_private=self.options.allow_private_targets)
-
-    def policy_for(self, config: dict[str, Any], policy: TransformPolicy) -> TransformPolicy:
-        limit = text.limit_for("bluesky").max_length
-        return policy.model_copy(update={"max_length": min(policy.max_length or limit, limit)})
+    counting = "bluesky"
 
     def transform(self, content: ContentItem, policy: TransformPolicy) -> dict[str, Any]:
         post = self.fit(content, policy).text
         return {"text": post, "facets": text.link_facets(post)}
-
-    def fit(self, content: ContentItem, policy: TransformPolicy) -> text.Cut:
-        return social_post(content, policy, text.limit_for("bluesky", policy.max_length))
 
     async def deliver(
         self, payload: dict[str, Any], target: DeliveryTarget, *, message_id: str | None = None

@@ -8,16 +8,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 from pydantic.alias_generators import to_camel
 
-from wordclaw_mcp import http, netguard, ratelimit, redaction, text
+from wordclaw_mcp import http, ratelimit, redaction
 from wordclaw_mcp.adapters import (
-    Adapter,
     DeliveryResult,
     DeliveryTarget,
     Progress,
     delivery_progress,
-    social_post,
 )
-from wordclaw_mcp.models import ContentItem, TransformPolicy
+
+from .social import SocialAdapter, unsent
 
 DEFAULT_MAX_CHARACTERS = 500  # Mastodon's default; an instance may allow more
 
@@ -38,27 +37,18 @@ class MastodonSecrets(BaseModel):
     access_token: str = Field(min_length=1, description="An access token with the write:statuses scope.")
 
 
-class MastodonAdapter(Adapter):
+class MastodonAdapter(SocialAdapter):
     channel_type = "mastodon"
     config_model = MastodonConfig
     secrets_model = MastodonSecrets
     secrets_required = True
     # mastodon.social allows 300 requests per 5 minutes per account; leave room for the rest.
     default_rate_per_minute = 30.0
+    counting = "mastodon"
+    text_field = "status"
 
-    async def check_target(self, config: BaseModel) -> None:
-        assert isinstance(config, MastodonConfig)
-        await netguard.check_url(str(config.base_url), allow_private=self.options.allow_private_targets)
-
-    def policy_for(self, config: dict[str, Any], policy: TransformPolicy) -> TransformPolicy:
-        limit = int(config.get("maxCharacters") or DEFAULT_MAX_CHARACTERS)
-        return policy.model_copy(update={"max_length": min(policy.max_length or limit, limit)})
-
-    def transform(self, content: ContentItem, policy: TransformPolicy) -> dict[str, Any]:
-        return {"status": self.fit(content, policy).text}
-
-    def fit(self, content: ContentItem, policy: TransformPolicy) -> text.Cut:
-        return social_post(content, policy, text.limit_for("mastodon", policy.max_length or DEFAULT_MAX_CHARACTERS))
+    def channel_limit(self, config: dict[str, Any]) -> int:
+        return int(config.get("maxCharacters") or DEFAULT_MAX_CHARACTERS)
 
     async def deliver(
         self, payload: dict[str, Any], target: DeliveryTarget, *, message_id: str | None = None
@@ -84,10 +74,7 @@ class MastodonAdapter(Adapter):
             )
         except (http.TargetRefused, http.ConnectError) as exc:
             delivery_progress.set(Progress.NOT_SENT)
-            unresolvable = isinstance(exc, http.TargetRefused) and exc.code == "TARGET_UNRESOLVABLE"
-            return DeliveryResult(
-                succeeded=False, retryable=isinstance(exc, http.ConnectError) or unresolvable, error=str(exc)
-            )
+            return unsent(exc)
         except http.HttpError as exc:
             # Safe to retry even if it was sent: the idempotency key makes the repeat a no-op.
             return DeliveryResult(succeeded=False, retryable=True, error=f"{type(exc).__name__}: {exc}")

@@ -13,16 +13,15 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 from pydantic.alias_generators import to_camel
 
-from wordclaw_mcp import http, netguard, ratelimit, redaction, text
+from wordclaw_mcp import http, ratelimit, redaction
 from wordclaw_mcp.adapters import (
-    Adapter,
     DeliveryResult,
     DeliveryTarget,
     Progress,
     delivery_progress,
-    social_post,
 )
-from wordclaw_mcp.models import ContentItem, TransformPolicy
+
+from .social import SocialAdapter, unsent
 
 POST_URL = "https://x.com/i/web/status/{id}"
 OUTCOME_UNKNOWN = (
@@ -44,25 +43,12 @@ class XSecrets(BaseModel):
     access_token: str = Field(min_length=1, description="An OAuth 2.0 user-context token with tweet.write.")
 
 
-class XAdapter(Adapter):
+class XAdapter(SocialAdapter):
     channel_type = "x"
     config_model = XConfig
     secrets_model = XSecrets
     secrets_required = True
-
-    async def check_target(self, config: BaseModel) -> None:
-        assert isinstance(config, XConfig)
-        await netguard.check_url(str(config.base_url), allow_private=self.options.allow_private_targets)
-
-    def policy_for(self, config: dict[str, Any], policy: TransformPolicy) -> TransformPolicy:
-        limit = text.limit_for("x").max_length
-        return policy.model_copy(update={"max_length": min(policy.max_length or limit, limit)})
-
-    def transform(self, content: ContentItem, policy: TransformPolicy) -> dict[str, Any]:
-        return {"text": self.fit(content, policy).text}
-
-    def fit(self, content: ContentItem, policy: TransformPolicy) -> text.Cut:
-        return social_post(content, policy, text.limit_for("x", policy.max_length))
+    counting = "x"
 
     async def deliver(
         self, payload: dict[str, Any], target: DeliveryTarget, *, message_id: str | None = None
@@ -82,12 +68,8 @@ class XAdapter(Adapter):
                 on_answer=lambda: delivery_progress.set(Progress.SENT),
             )
         except (http.TargetRefused, http.ConnectError) as exc:
-            # Nothing was sent: safe to try again.
             delivery_progress.set(Progress.NOT_SENT)
-            unresolvable = isinstance(exc, http.TargetRefused) and exc.code == "TARGET_UNRESOLVABLE"
-            return DeliveryResult(
-                succeeded=False, retryable=isinstance(exc, http.ConnectError) or unresolvable, error=str(exc)
-            )
+            return unsent(exc)
         except http.HttpError as exc:
             return DeliveryResult(succeeded=False, retryable=False, error=OUTCOME_UNKNOWN.format(reason=exc))
         return _outcome(answer, token, elapsed_ms=round((time.monotonic() - started) * 1000))
