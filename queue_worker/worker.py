@@ -23,6 +23,7 @@ from wordclaw_mcp.database import CONNECTION_ERRORS
 from wordclaw_mcp.errors import DistributionError
 from wordclaw_mcp.notifications import CANCEL_CHANNEL, JOBS_CHANNEL
 from wordclaw_mcp.runtime import Runtime
+from wordclaw_mcp.secrets import target_binding
 
 from .adapters import DeliveryResult, DeliveryTarget, Progress, delivery_progress
 from .retry import retry_delay
@@ -194,7 +195,7 @@ class Worker:
     async def check_secret_keys(self) -> None:
         """Refuse to start with keys that decrypt none of the stored secrets: a deployment fault."""
         rows = await self.pool.fetch(queries.TARGET_SECRETS, KEY_CHECK_SAMPLE)
-        unreadable = [row["name"] for row in rows if not self._can_decrypt(row["secret_ciphertext"])]
+        unreadable = [row["name"] for row in rows if not self._can_decrypt(row["secret_ciphertext"], row["id"])]
         if rows and len(unreadable) == len(rows):
             raise DistributionError(
                 "SECRET_KEY_MISMATCH",
@@ -210,9 +211,9 @@ class Worker:
                 ", ".join(unreadable),
             )
 
-    def _can_decrypt(self, ciphertext: bytes) -> bool:
+    def _can_decrypt(self, ciphertext: bytes, target_id: object) -> bool:
         try:
-            self.runtime.secrets.decrypt(ciphertext)
+            self.runtime.secrets.decrypt(ciphertext, bound_to=target_binding(target_id))
         except DistributionError:
             return False
         return True
@@ -578,7 +579,11 @@ class Worker:
     async def attempt(self, job: ClaimedJob) -> Outcome:
         """Deliver one claimed job; never raises."""
         try:
-            secrets = self.runtime.secrets.decrypt(job.secret_ciphertext) if job.secret_ciphertext else {}
+            secrets = (
+                self.runtime.secrets.decrypt(job.secret_ciphertext, bound_to=target_binding(job.target_id))
+                if job.secret_ciphertext
+                else {}
+            )
         except DistributionError as exc:
             log.error(
                 "worker %s cannot decrypt the secrets of target %s (%s); leaving job %s for a worker that can",

@@ -129,7 +129,15 @@ async def test_targets_stored_before_urls_were_sealed_are_listed_redacted_and_st
     full_path = f"/hooks/wordclaw?token={token}"
     # A row as register_target wrote it before: the whole URL in config_json, no secrets.
     row = await db.fetchrow(
-        queries.INSERT_TARGET, "legacy", "webhook", {"url": endpoint(receiver) + full_path}, None, None, None, None
+        queries.INSERT_TARGET,
+        uuid.uuid4(),
+        "legacy",
+        "webhook",
+        {"url": endpoint(receiver) + full_path},
+        None,
+        None,
+        None,
+        None,
     )
 
     listed = (await service.list_targets()).targets
@@ -178,12 +186,12 @@ def test_scrubbing_looks_for_exactly_the_secrets_it_is_given_each_time() -> None
 
 def test_decrypted_secrets_are_the_callers_own_and_only_the_right_keys_read_them() -> None:
     box = SecretBox([Fernet.generate_key().decode()])
-    sealed = box.encrypt({"token": "t0ken"})
-    mine = box.decrypt(sealed)
+    sealed = box.encrypt({"token": "t0ken"}, bound_to="target:1")
+    mine = box.decrypt(sealed, bound_to="target:1")
     mine["token"] = "changed by the caller"
-    assert box.decrypt(sealed) == {"token": "t0ken"}
+    assert box.decrypt(sealed, bound_to="target:1") == {"token": "t0ken"}
     with pytest.raises(DistributionError) as refused:
-        SecretBox([Fernet.generate_key().decode()]).decrypt(sealed)
+        SecretBox([Fernet.generate_key().decode()]).decrypt(sealed, bound_to="target:1")
     assert refused.value.code == "SECRET_KEY_MISMATCH"
 
 

@@ -64,8 +64,8 @@ _TARGET_COLUMNS = """
 
 INSERT_TARGET = f"""
 INSERT INTO distribution_targets
-    (name, channel_type, config_json, secret_ciphertext, max_concurrency, rate_per_minute, transform_policy)
-VALUES ($1, $2, $3, $4, $5, $6, $7)
+    (id, name, channel_type, config_json, secret_ciphertext, max_concurrency, rate_per_minute, transform_policy)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
 ON CONFLICT (name) DO NOTHING
 RETURNING {_TARGET_COLUMNS}
 """

@@ -1,7 +1,13 @@
 """Target credentials, encrypted at rest with Fernet and readable only by the worker.
 
 MultiFernet takes a list of keys: the first encrypts, all decrypt. That is what key
-rotation needs: prepend a new key, re-encrypt at leisure, then drop the old one.
+rotation needs: prepend a new key, re-encrypt (``wordclaw keys rotate``), then drop the old one.
+
+Each ciphertext is bound to the row it belongs to: the token carries the row's binding
+(``target:<id>``, ``session:<id>``) beside the secrets, and decrypting checks it. Fernet has no
+associated data, and the binding inside the authenticated token does the same work: a
+ciphertext copied to another row does not decrypt there. Tokens written before binding existed
+hold the bare secrets; they still decrypt, and ``wordclaw keys rotate`` binds them.
 """
 
 from __future__ import annotations
@@ -23,6 +29,19 @@ KEY_FILE = "secret.key"
 # every job, and Fernet's check and decryption were a twentieth of its time per delivery.
 DECRYPTED_CACHE_SIZE = 1024
 
+# The sealed document: {BINDING: "target:<id>", SECRETS: {...}}.
+BINDING = "boundTo"
+SECRETS = "secrets"
+
+
+def target_binding(target_id: object) -> str:
+    return f"target:{target_id}"
+
+
+def session_binding(target_id: object) -> str:
+    return f"session:{target_id}"
+
+
 log = logging.getLogger(__name__)
 
 
@@ -31,7 +50,7 @@ class SecretBox:
         if not keys:
             raise ValueError("at least one key is required")
         self._fernet = MultiFernet([Fernet(key.encode()) for key in keys])
-        self._decrypted: OrderedDict[bytes, dict[str, str]] = OrderedDict()
+        self._decrypted: OrderedDict[tuple[bytes, str], dict[str, str]] = OrderedDict()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SecretBox:
@@ -46,17 +65,38 @@ class SecretBox:
             )
         return cls([_local_key(settings.home)])
 
-    def encrypt(self, secrets: Mapping[str, str]) -> bytes:
-        return self._fernet.encrypt(json.dumps(dict(secrets)).encode())
+    def encrypt(self, secrets: Mapping[str, str], *, bound_to: str) -> bytes:
+        """``secrets`` sealed under the first key, readable only for the row ``bound_to`` names."""
+        return self._fernet.encrypt(json.dumps({BINDING: bound_to, SECRETS: dict(secrets)}).encode())
 
-    def decrypt(self, ciphertext: bytes) -> dict[str, str]:
-        """The secrets sealed in ``ciphertext``, as a dict of the caller's own."""
+    def decrypt(self, ciphertext: bytes, *, bound_to: str) -> dict[str, str]:
+        """The secrets sealed in ``ciphertext`` for the row ``bound_to``, as a dict of the caller's own."""
         # A Fernet token is unique (random IV) and authenticated, so equal bytes mean equal secrets.
-        if (known := self._decrypted.get(ciphertext)) is not None:
-            self._decrypted.move_to_end(ciphertext)
+        key = (bytes(ciphertext), bound_to)
+        if (known := self._decrypted.get(key)) is not None:
+            self._decrypted.move_to_end(key)
             return dict(known)
+        sealed = self._open(ciphertext)
+        if BINDING in sealed and sealed[BINDING] != bound_to:
+            raise DistributionError(
+                "SECRET_ROW_MISMATCH",
+                f"The stored secrets of {bound_to} were sealed for another row, so they are not used.",
+                "Someone copied a ciphertext between rows. Give the target its secrets again (register it "
+                "anew, or rotate_target_secret), and find out who can write to the database.",
+            )
+        secrets = sealed[SECRETS] if BINDING in sealed else sealed
+        self._decrypted[key] = secrets
+        if len(self._decrypted) > DECRYPTED_CACHE_SIZE:
+            self._decrypted.popitem(last=False)
+        return dict(secrets)
+
+    def reseal(self, ciphertext: bytes, *, bound_to: str) -> bytes:
+        """``ciphertext`` sealed again under the first key and bound to its row (``wordclaw keys rotate``)."""
+        return self.encrypt(self.decrypt(ciphertext, bound_to=bound_to), bound_to=bound_to)
+
+    def _open(self, ciphertext: bytes) -> dict:
         try:
-            secrets = json.loads(self._fernet.decrypt(ciphertext))
+            return json.loads(self._fernet.decrypt(ciphertext))
         except InvalidToken as exc:
             raise DistributionError(
                 "SECRET_KEY_MISMATCH",
@@ -64,10 +104,6 @@ class SecretBox:
                 "Give this process the key the secrets were written with (WORDCLAW_SECRET_KEYS), "
                 "or register the target again.",
             ) from exc
-        self._decrypted[bytes(ciphertext)] = secrets
-        if len(self._decrypted) > DECRYPTED_CACHE_SIZE:
-            self._decrypted.popitem(last=False)
-        return dict(secrets)
 
 
 def _local_key(home: Path) -> str:

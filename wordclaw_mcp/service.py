@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import anyio
 from pydantic import BaseModel, ValidationError
@@ -31,6 +31,7 @@ from .models import (
 )
 from .notifications import PLANS_CHANNEL
 from .runtime import Runtime
+from .secrets import target_binding
 
 AWAIT_DELIVERY_SECONDS = 10.0
 # Waiters wake on NOTIFY; this is only the safety net for a lost notification.
@@ -93,12 +94,14 @@ class DistributionService:
         # the redacted rest is stored in clear and shown.
         sealed = adapter.seal_config(config.model_dump(mode="json", by_alias=True, exclude_unset=True))
         secrets = {**secrets, **sealed.secrets}
+        target_id = uuid4()  # chosen here: the secrets are sealed for this row before it exists
         row = await self.pool.fetchrow(
             queries.INSERT_TARGET,
+            target_id,
             request.name,
             request.channel_type,
             sealed.config,
-            self.runtime.secrets.encrypt(secrets) if secrets else None,
+            self.runtime.secrets.encrypt(secrets, bound_to=target_binding(target_id)) if secrets else None,
             request.max_concurrency or adapter.default_max_concurrency,
             request.rate_per_minute or adapter.default_rate_per_minute,
             # Only the fields given, so that a plan's policy can win over them one by one.
@@ -147,10 +150,15 @@ class DistributionService:
         if row is None:
             raise errors.target_not_found(request.target_id)
         adapter = self.adapters.get(row["channel_type"])
-        current = self.runtime.secrets.decrypt(row["secret_ciphertext"]) if row["secret_ciphertext"] else {}
+        binding = target_binding(request.target_id)
+        current = (
+            self.runtime.secrets.decrypt(row["secret_ciphertext"], bound_to=binding) if row["secret_ciphertext"] else {}
+        )
         until = datetime.now(UTC) + timedelta(hours=request.grace_hours) if request.grace_hours else None
         stored, shown = adapter.rotate_secrets(current, until)
-        await self.pool.execute(queries.UPDATE_TARGET_SECRETS, request.target_id, self.runtime.secrets.encrypt(stored))
+        await self.pool.execute(
+            queries.UPDATE_TARGET_SECRETS, request.target_id, self.runtime.secrets.encrypt(stored, bound_to=binding)
+        )
         kept = until if until and any(key not in shown for key in stored if key.startswith("previous")) else None
         return SecretRotation(target_id=request.target_id, secrets=shown, previous_valid_until=kept)
 

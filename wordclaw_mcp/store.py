@@ -11,7 +11,7 @@ from uuid import UUID
 import asyncpg
 
 from . import queries
-from .secrets import SecretBox
+from .secrets import SecretBox, session_binding
 
 
 class ChannelStore:
@@ -21,10 +21,12 @@ class ChannelStore:
 
     async def session(self, target_id: UUID) -> dict[str, str] | None:
         ciphertext = await self.pool.fetchval(queries.GET_CHANNEL_SESSION, target_id)
-        return self.secrets.decrypt(ciphertext) if ciphertext else None
+        return self.secrets.decrypt(ciphertext, bound_to=session_binding(target_id)) if ciphertext else None
 
     async def put_session(self, target_id: UUID, session: dict[str, str]) -> None:
-        await self.pool.execute(queries.PUT_CHANNEL_SESSION, target_id, self.secrets.encrypt(session))
+        await self.pool.execute(
+            queries.PUT_CHANNEL_SESSION, target_id, self.secrets.encrypt(session, bound_to=session_binding(target_id))
+        )
 
     async def put_feed_item(self, target_id: UUID, guid: str, entry: dict[str, Any], published: datetime) -> None:
         await self.pool.execute(queries.UPSERT_FEED_ITEM, target_id, guid, entry, published)
