@@ -29,6 +29,36 @@ CREATE TABLE IF NOT EXISTS schema_version (
     applied_at  timestamptz NOT NULL DEFAULT now()
 );
 
+CREATE TABLE IF NOT EXISTS tenants (
+    id          text PRIMARY KEY CHECK (id ~ '^[a-z0-9][a-z0-9_-]{0,62}$'),
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+
+INSERT INTO tenants (id) VALUES ('default') ON CONFLICT DO NOTHING;
+
+-- An agent and its API key. Only the key's SHA-256 is kept, with its first characters to find
+-- the row; the key itself is shown once, when it is made.
+CREATE TABLE IF NOT EXISTS agents (
+    id          uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    tenant_id   text NOT NULL REFERENCES tenants (id),
+    name        text NOT NULL CHECK (length(name) > 0),
+    scopes      text[] NOT NULL
+        CHECK (scopes <@ ARRAY['distribution:read', 'distribution:write', 'targets:admin', 'content:write', 'admin']),
+    key_prefix  text UNIQUE,
+    key_hash    bytea,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    revoked_at  timestamptz,
+    CHECK ((key_prefix IS NULL) = (key_hash IS NULL))
+);
+
+-- The local agent: the one-user default (an embedded database and no key configured) owns what
+-- it creates. It has no key, so no one can authenticate as it over the network.
+INSERT INTO agents (id, tenant_id, name, scopes)
+VALUES ('00000000-0000-0000-0000-000000000001', 'default', 'local-agent', '{admin}')
+ON CONFLICT DO NOTHING;
+
+-- Every row belongs to a tenant: items, targets and plans carry it; jobs, receipts and events
+-- belong to their plan's.
 CREATE TABLE IF NOT EXISTS content_items (
     id             uuid PRIMARY KEY DEFAULT gen_random_uuid(),
     title          text NOT NULL CHECK (length(title) > 0),
@@ -38,12 +68,14 @@ CREATE TABLE IF NOT EXISTS content_items (
     metadata       jsonb NOT NULL DEFAULT '{}'::jsonb,
     version        integer NOT NULL DEFAULT 1 CHECK (version > 0),
     created_at     timestamptz NOT NULL DEFAULT now(),
-    updated_at     timestamptz NOT NULL DEFAULT now()
+    updated_at     timestamptz NOT NULL DEFAULT now(),
+    tenant_id      text NOT NULL REFERENCES tenants (id),
+    created_by_agent_id  uuid NOT NULL REFERENCES agents (id)
 );
 
 CREATE TABLE IF NOT EXISTS distribution_targets (
     id                 uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-    name               text NOT NULL UNIQUE CHECK (length(name) > 0),
+    name               text NOT NULL CHECK (length(name) > 0),
     channel_type       text NOT NULL,
     -- Non-secret settings only; secrets live encrypted in secret_ciphertext and are never read back out.
     config_json        jsonb NOT NULL DEFAULT '{}'::jsonb,
@@ -61,8 +93,39 @@ CREATE TABLE IF NOT EXISTS distribution_targets (
     rate_tokens        double precision,
     rate_updated_at    timestamptz,
     -- The target's default transform policy (TransformPolicy, as JSON); a plan's wins field by field.
-    transform_policy   jsonb
+    transform_policy   jsonb,
+    tenant_id          text NOT NULL REFERENCES tenants (id),
+    -- A short fingerprint of the target's secrets, so that they can be told apart without being shown.
+    secret_fingerprint text
 );
+
+-- Target names are unique within a tenant: a name taken in another tenant says nothing.
+CREATE UNIQUE INDEX IF NOT EXISTS distribution_targets_tenant_name ON distribution_targets (tenant_id, name);
+
+-- A grant of rights over one content item (or, with no item, over all of its tenant's items)
+-- to an agent that did not create it. status is what an operator or the budget set; an active
+-- grant past expires_at is expired whatever status says. distributions_used can never pass
+-- max_distributions: the CHECK makes overspending impossible even under concurrency.
+CREATE TABLE IF NOT EXISTS entitlements (
+    id                    uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    tenant_id             text NOT NULL REFERENCES tenants (id),
+    agent_id              uuid NOT NULL REFERENCES agents (id),
+    content_item_id       uuid REFERENCES content_items (id),
+    status                text NOT NULL DEFAULT 'active'
+        CHECK (status IN ('active', 'expired', 'revoked', 'exhausted')),
+    expires_at            timestamptz,
+    allowed_channels      text[] NOT NULL DEFAULT '{}',
+    allow_redistribution  boolean NOT NULL DEFAULT false,
+    excerpt_only          boolean NOT NULL DEFAULT false,
+    max_excerpt_chars     integer CHECK (max_excerpt_chars > 0),
+    max_distributions     integer CHECK (max_distributions > 0),
+    distributions_used    integer NOT NULL DEFAULT 0 CHECK (distributions_used >= 0),
+    created_at            timestamptz NOT NULL DEFAULT now(),
+    revoked_at            timestamptz,
+    CHECK (max_distributions IS NULL OR distributions_used <= max_distributions)
+);
+
+CREATE INDEX IF NOT EXISTS entitlements_agent ON entitlements (agent_id, content_item_id);
 
 CREATE TABLE IF NOT EXISTS distribution_plans (
     id                   uuid PRIMARY KEY DEFAULT gen_random_uuid(),
@@ -70,7 +133,7 @@ CREATE TABLE IF NOT EXISTS distribution_plans (
     content_version      integer NOT NULL,
     status               text NOT NULL DEFAULT 'queued'
         CHECK (status IN ('queued', 'running', 'succeeded', 'partial', 'failed', 'cancelled')),
-    created_by_agent_id  text NOT NULL,
+    created_by_agent_id  uuid NOT NULL REFERENCES agents (id),
     idempotency_key      text,
     options              jsonb NOT NULL DEFAULT '{}'::jsonb,
     created_at           timestamptz NOT NULL DEFAULT now(),
@@ -83,8 +146,14 @@ CREATE TABLE IF NOT EXISTS distribution_plans (
     running_jobs         integer NOT NULL DEFAULT 0,
     succeeded_jobs       integer NOT NULL DEFAULT 0,
     failed_jobs          integer NOT NULL DEFAULT 0,
-    cancelled_jobs       integer NOT NULL DEFAULT 0
+    cancelled_jobs       integer NOT NULL DEFAULT 0,
+    tenant_id            text NOT NULL REFERENCES tenants (id),
+    -- A digest of the arguments an idempotency key was first used with.
+    request_digest       text
 );
+
+-- The duplicate rule's look-up: a tenant's recent plans for one item.
+CREATE INDEX IF NOT EXISTS distribution_plans_recent ON distribution_plans (content_item_id, created_at);
 
 CREATE UNIQUE INDEX IF NOT EXISTS distribution_plans_idempotency_key
     ON distribution_plans (created_by_agent_id, idempotency_key)
@@ -116,6 +185,9 @@ CREATE TABLE IF NOT EXISTS distribution_jobs (
     throttled_since   timestamptz,
     -- 1 for the jobs of a plan someone is waiting on (awaitDelivery): they are claimed first.
     priority          smallint NOT NULL DEFAULT 0,
+    -- The grant a job was allowed by; the worker checks it again before sending. Null: the plan's
+    -- agent created the item.
+    entitlement_id    uuid REFERENCES entitlements (id),
     -- A running job always has a lease; a finished one never does.
     CHECK ((status = 'running') = (lease_expires_at IS NOT NULL))
 );
@@ -183,6 +255,27 @@ CREATE TABLE IF NOT EXISTS channel_sessions (
     updated_at  timestamptz NOT NULL DEFAULT now()
 );
 
+-- Every entitlement decision, allow or deny, at plan creation, in a dry run and at delivery.
+-- No foreign keys: the log outlives the plans and jobs retention removes.
+CREATE TABLE IF NOT EXISTS entitlement_decisions (
+    id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    tenant_id        text NOT NULL,
+    agent_id         uuid NOT NULL,
+    content_item_id  uuid NOT NULL,
+    target_id        uuid NOT NULL,
+    channel_type     text NOT NULL,
+    stage            text NOT NULL CHECK (stage IN ('plan', 'dry_run', 'delivery')),
+    outcome          text NOT NULL CHECK (outcome IN ('allow', 'deny')),
+    -- The denial's code, or the ground of an allowance: OWNER or ENTITLED.
+    code             text NOT NULL,
+    entitlement_id   uuid,
+    plan_id          uuid,
+    job_id           uuid,
+    created_at       timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE INDEX IF NOT EXISTS entitlement_decisions_created ON entitlement_decisions (created_at);
+
 CREATE TABLE IF NOT EXISTS distribution_receipts (
     id             uuid PRIMARY KEY DEFAULT gen_random_uuid(),
     job_id         uuid NOT NULL REFERENCES distribution_jobs (id) ON DELETE CASCADE,
@@ -214,6 +307,13 @@ CREATE INDEX IF NOT EXISTS distribution_events_plan ON distribution_events (plan
 
 -- Serves retention: events oldest first.
 CREATE INDEX IF NOT EXISTS distribution_events_created ON distribution_events (created_at);
+
+-- The time the duplicate, idempotency and expiry rules read: the transaction's time, moved by
+-- the session setting wordclaw.clock_offset (seconds), which only tests set.
+CREATE OR REPLACE FUNCTION wordclaw_now() RETURNS timestamptz
+LANGUAGE sql STABLE AS $$
+    SELECT now() + make_interval(secs => coalesce(nullif(current_setting('wordclaw.clock_offset', true), ''), '0')::float8)
+$$;
 
 -- How many of a target's jobs are running, counted in a snapshot taken at the call: VOLATILE,
 -- so the claim, which calls it once it holds the target's lock, sees the jobs other workers

@@ -57,7 +57,14 @@ from anyio.abc import Process
 from cryptography.fernet import Fernet
 from mcp import Client, StdioServerParameters
 from receivers import end_process, receiver_process  # bench/receivers.py, beside this script
-from scratch import BenchmarkFailed, deadline, scratch_database, setup_call, until_signalled  # bench/scratch.py
+from scratch import (  # bench/scratch.py
+    BenchmarkFailed,
+    create_plan_arguments,
+    deadline,
+    scratch_database,
+    setup_call,
+    until_signalled,
+)
 
 from queue_worker.adapters import AdapterOptions
 from wordclaw_mcp import queries
@@ -147,6 +154,7 @@ def process_env(database_url: str, home: Path) -> dict[str, str]:
         "WORDCLAW_ALLOW_PRIVATE_TARGETS": "1",
         "WORDCLAW_HOME": str(home),
         "WORDCLAW_SECRET_KEYS": Fernet.generate_key().decode(),
+        "WORDCLAW_LOCAL_AGENT": "1",
     }
 
 
@@ -223,7 +231,12 @@ async def set_up(client: Client, fast_url: str, slow_url: str | None = None) -> 
 
 
 async def awaited_round_trip(client: Client, setup: Setup) -> Sample:
-    arguments = {"contentItemId": setup.item["id"], "targetIds": [setup.fast_target], "awaitDelivery": True}
+    arguments = {
+        "contentItemId": setup.item["id"],
+        "targetIds": [setup.fast_target],
+        "awaitDelivery": True,
+        "allowDuplicate": True,
+    }
     started = time.perf_counter()
     try:
         result = await client.call_tool("create_distribution_plan", arguments, read_timeout_seconds=REPLY_TIMEOUT)
@@ -418,14 +431,15 @@ async def enqueue_backlog(conn: asyncpg.Connection, setup: Setup, jobs: int) -> 
         # Priority 0: the plan of nobody waiting, as the service gives it.
         await conn.execute(
             queries.CREATE_PLAN,
-            item_id,
-            setup.item["version"],
-            "await-bench",
-            options,
-            MAX_ATTEMPTS,
-            [target_id] * size,
-            [setup.slow_payload] * size,
-            0,
+            *create_plan_arguments(
+                item_id,
+                setup.item["version"],
+                [target_id] * size,
+                [setup.slow_payload] * size,
+                channel_type="webhook",
+                max_attempts=MAX_ATTEMPTS,
+                options=options,
+            ),
         )
     return time.perf_counter() - started
 

@@ -17,13 +17,14 @@ import argparse
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import anyio
 from cryptography.fernet import Fernet
-from scratch import scratch_database  # bench/scratch.py, beside this script
+from scratch import BENCH_AGENT, BENCH_TENANT, create_plan_arguments, scratch_database  # bench/scratch.py
 
 from wordclaw_mcp import queries
 from wordclaw_mcp.config import Settings
@@ -56,27 +57,40 @@ async def run(args: argparse.Namespace) -> None:
                 run_worker=False,
             )
             async with Runtime.open(settings) as runtime, runtime.pool.acquire() as conn:
-                item = await conn.fetchrow(queries.INSERT_CONTENT_ITEM, "Plans", "A *body*.", None, None, {})
+                item = await conn.fetchrow(
+                    queries.INSERT_CONTENT_ITEM, "Plans", "A *body*.", None, None, {}, BENCH_TENANT, BENCH_AGENT
+                )
                 config = {"url": "http://127.0.0.1:9/"}
                 targets = [
-                    (await conn.fetchrow(queries.INSERT_TARGET, f"t{i}", "webhook", config, None, None, None, None))[
-                        "id"
-                    ]
+                    (
+                        await conn.fetchrow(
+                            queries.INSERT_TARGET,
+                            uuid.uuid4(),
+                            f"t{i}",
+                            "webhook",
+                            config,
+                            None,
+                            None,
+                            None,
+                            None,
+                            BENCH_TENANT,
+                            None,
+                        )
+                    )["id"]
                     for i in range(TARGETS)
                 ]
                 content = ContentItem.model_validate(dict(item))
                 payload = runtime.adapters.get("webhook").transform(content, TransformPolicy())
-                plan = await conn.fetchrow(
-                    queries.CREATE_PLAN, item["id"], 1, "bench", {}, 8, targets, [payload] * TARGETS, 0
+                plan_arguments = create_plan_arguments(
+                    item["id"], 1, targets, [payload] * TARGETS, channel_type="webhook"
                 )
+                plan = await conn.fetchrow(queries.CREATE_PLAN, *plan_arguments)
                 timed = {
                     "SELECT 1": lambda: conn.fetchval("SELECT 1"),
-                    "GET_CONTENT_ITEM": lambda: conn.fetchrow(queries.GET_CONTENT_ITEM, item["id"]),
-                    "GET_TARGETS": lambda: conn.fetch(queries.GET_TARGETS, targets),
-                    "CREATE_PLAN": lambda: conn.fetchrow(
-                        queries.CREATE_PLAN, item["id"], 1, "bench", {}, 8, targets, [payload] * TARGETS, 0
-                    ),
-                    "GET_PLAN_STATUS": lambda: conn.fetchval(queries.GET_PLAN_STATUS, plan["id"]),
+                    "GET_CONTENT_ITEM": lambda: conn.fetchrow(queries.GET_CONTENT_ITEM, item["id"], BENCH_TENANT),
+                    "GET_TARGETS": lambda: conn.fetch(queries.GET_TARGETS, targets, BENCH_TENANT),
+                    "CREATE_PLAN": lambda: conn.fetchrow(queries.CREATE_PLAN, *plan_arguments),
+                    "GET_PLAN_STATUS": lambda: conn.fetchval(queries.GET_PLAN_STATUS, plan["id"], BENCH_TENANT),
                     "GET_PLAN_RECEIPTS": lambda: conn.fetch(queries.GET_PLAN_RECEIPTS, plan["id"]),
                 }
                 figures = {name: await time_calls(call, args.calls) for name, call in timed.items()}

@@ -19,6 +19,7 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,14 @@ from cryptography.fernet import Fernet
 from pgqueuer import AsyncpgDriver, Job, Queries, QueueManager
 from pgqueuer.domain.types import QueueExecutionMode
 from pydantic import BaseModel
-from scratch import BenchmarkFailed, deadline, scratch_database  # bench/scratch.py, beside this script
+from scratch import (  # bench/scratch.py, beside this script
+    BENCH_AGENT,
+    BENCH_TENANT,
+    BenchmarkFailed,
+    create_plan_arguments,
+    deadline,
+    scratch_database,
+)
 
 from queue_worker.adapters import Adapter, DeliveryResult, DeliveryTarget
 from queue_worker.worker import Worker
@@ -177,11 +185,15 @@ async def enqueue_wordclaw(runtime: Runtime, adapter: NoopAdapter, config: Confi
     """The jobs as the service creates them: a plan and its fan-out per transaction. Returns (plans, seconds)."""
     assert config.plan_size is not None
     pool = runtime.pool
-    row = await pool.fetchrow(queries.INSERT_CONTENT_ITEM, "Benchmark", "A *tiny* body.", None, None, {})
+    row = await pool.fetchrow(
+        queries.INSERT_CONTENT_ITEM, "Benchmark", "A *tiny* body.", None, None, {}, BENCH_TENANT, BENCH_AGENT
+    )
     content = ContentItem.model_validate(dict(row))
     payload = adapter.transform(content, TransformPolicy())
     options = {"transformPolicy": TransformPolicy().model_dump(mode="json", by_alias=True)}
-    target_row = await pool.fetchrow(queries.INSERT_TARGET, "noop-target", NOOP, {}, None, None, None, None)
+    target_row = await pool.fetchrow(
+        queries.INSERT_TARGET, uuid.uuid4(), "noop-target", NOOP, {}, None, None, None, None, BENCH_TENANT, None
+    )
     target_id: UUID = target_row["id"]
 
     sizes = [config.plan_size] * (config.jobs // config.plan_size)
@@ -192,14 +204,15 @@ async def enqueue_wordclaw(runtime: Runtime, adapter: NoopAdapter, config: Confi
         for size in sizes:
             await conn.execute(
                 queries.CREATE_PLAN,
-                content.id,
-                content.version,
-                runtime.settings.agent_id,
-                options,
-                runtime.settings.max_attempts,
-                [target_id] * size,
-                [payload] * size,
-                0,
+                *create_plan_arguments(
+                    content.id,
+                    content.version,
+                    [target_id] * size,
+                    [payload] * size,
+                    channel_type=NOOP,
+                    max_attempts=runtime.settings.max_attempts,
+                    options=options,
+                ),
             )
     return len(sizes), time.perf_counter() - started
 

@@ -112,3 +112,41 @@ async def setup_call(client: Client, tool: str, *, reply_seconds: float, **argum
     if result.is_error:
         raise BenchmarkFailed(f"{tool} failed: {result.content[0].text}")
     return result.structured_content or {}
+
+
+# The local agent's (wordclaw_mcp.access.LOCAL_AGENT), whose tenant every benchmark row is in.
+BENCH_AGENT = "00000000-0000-0000-0000-000000000001"
+BENCH_TENANT = "default"
+
+
+def create_plan_arguments(
+    item_id: Any,
+    version: int,
+    target_ids: list[Any],
+    payloads: list[Any],
+    *,
+    channel_type: str,
+    max_attempts: int = 8,
+    options: dict[str, Any] | None = None,
+) -> tuple[Any, ...]:
+    """queries.CREATE_PLAN's arguments for a plan of the local agent's own item, as the service
+    passes them: no idempotency key, no grant, and the duplicate rule waived (benchmarks plan the
+    same item and target over and over)."""
+    count = len(target_ids)
+    return (
+        item_id,
+        version,
+        BENCH_AGENT,
+        options or {},
+        max_attempts,
+        target_ids,
+        payloads,
+        0,
+        True,
+        BENCH_TENANT,
+        None,
+        None,
+        [None] * count,
+        [channel_type] * count,
+        ["OWNER"] * count,
+    )

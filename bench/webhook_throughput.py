@@ -65,6 +65,7 @@ from scratch import (  # bench/scratch.py
     BenchmarkFailed,
     cpu_seconds,
     cpu_since,
+    create_plan_arguments,
     deadline,
     scratch_database,
     server_cpu,
@@ -256,14 +257,15 @@ async def enqueue_wordclaw(database_url: str, home: Path, key: str, url: str, jo
                 # Priority 0: the plan of nobody waiting, as the service gives it.
                 await conn.execute(
                     queries.CREATE_PLAN,
-                    item.id,
-                    item.version,
-                    settings.agent_id,
-                    options,
-                    settings.max_attempts,
-                    [target.id] * size,
-                    [payload] * size,
-                    0,
+                    *create_plan_arguments(
+                        item.id,
+                        item.version,
+                        [target.id] * size,
+                        [payload] * size,
+                        channel_type="webhook",
+                        max_attempts=settings.max_attempts,
+                        options=options,
+                    ),
                 )
         # Plan the first claims from real statistics, rather than whenever autovacuum gets to it.
         await runtime.pool.execute("ANALYZE")

@@ -21,6 +21,7 @@ import asyncpg
 from wordclaw_mcp import queries, redaction, retention
 from wordclaw_mcp.database import CONNECTION_ERRORS
 from wordclaw_mcp.errors import DistributionError
+from wordclaw_mcp.keys import verify_stored_secrets
 from wordclaw_mcp.notifications import CANCEL_CHANNEL, JOBS_CHANNEL
 from wordclaw_mcp.runtime import Runtime
 from wordclaw_mcp.secrets import target_binding
@@ -41,8 +42,6 @@ RELEASE_DELAY = 60.0
 NOT_STARTED_DELAY = 0.0
 # Back-off after a database error: doubling from the poll interval up to this.
 MAX_BACKOFF = 30.0
-# How many stored secrets a starting worker tries its keys on.
-KEY_CHECK_SAMPLE = 100
 
 UNKNOWN_OUTCOME = "The worker holding this attempt stopped responding; its outcome is unknown."
 TARGET_INACTIVE = "TARGET_INACTIVE: the target was deactivated; this job will not be delivered."
@@ -68,6 +67,15 @@ RECONNECT_ERRORS: tuple[type[Exception], ...] = (*CONNECTION_ERRORS, asyncpg.Rea
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
+# Why a job whose grant went away between its plan and its delivery fails without being sent.
+ENTITLEMENT_GONE = {
+    "ENTITLEMENT_REVOKED": "ENTITLEMENT_REVOKED: the entitlement this job relied on was revoked after the plan was "
+    "made, so nothing was sent.",
+    "ENTITLEMENT_EXPIRED": "ENTITLEMENT_EXPIRED: the entitlement this job relied on expired before it could be "
+    "delivered, so nothing was sent.",
+}
+
+
 @dataclass(frozen=True)
 class ClaimedJob:
     id: UUID
@@ -81,6 +89,10 @@ class ClaimedJob:
     channel_type: str
     config: dict[str, Any]
     secret_ciphertext: bytes | None
+    # The grant the job relies on (None: the plan's agent created the item), and the code of its
+    # denial when the grant was revoked or expired since the plan was made.
+    entitlement_id: UUID | None = None
+    denied: str | None = None
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> ClaimedJob:
@@ -193,30 +205,8 @@ class Worker:
         self._job_ready.set()
 
     async def check_secret_keys(self) -> None:
-        """Refuse to start with keys that decrypt none of the stored secrets: a deployment fault."""
-        rows = await self.pool.fetch(queries.TARGET_SECRETS, KEY_CHECK_SAMPLE)
-        unreadable = [row["name"] for row in rows if not self._can_decrypt(row["secret_ciphertext"], row["id"])]
-        if rows and len(unreadable) == len(rows):
-            raise DistributionError(
-                "SECRET_KEY_MISMATCH",
-                f"This worker's keys decrypt none of the {len(rows)} stored target secrets it tried.",
-                "Start it with the WORDCLAW_SECRET_KEYS that the MCP server and the other workers use; "
-                "the key the secrets were written with must be in the list.",
-            )
-        if unreadable:
-            log.warning(
-                "worker %s cannot decrypt the secrets of %d target(s) (%s); their jobs wait for a worker that can",
-                self.name,
-                len(unreadable),
-                ", ".join(unreadable),
-            )
-
-    def _can_decrypt(self, ciphertext: bytes, target_id: object) -> bool:
-        try:
-            self.runtime.secrets.decrypt(ciphertext, bound_to=target_binding(target_id))
-        except DistributionError:
-            return False
-        return True
+        """Refuse to start unless every stored secret decrypts for its own row: said at start, not at delivery."""
+        await verify_stored_secrets(self.pool, self.runtime.secrets)
 
     async def run(self) -> None:
         log.info(
@@ -385,6 +375,10 @@ class Worker:
         rows = await self.pool.fetch(queries.CLAIM_JOBS, limit, float(self.settings.lease_seconds), self.name)
         jobs = [ClaimedJob.from_row(row) for row in rows]
         self._held.update((job.id, job.attempt) for job in jobs)
+        if entitled := [job for job in jobs if job.entitlement_id is not None]:
+            await self.pool.execute(
+                queries.LOG_DELIVERY_DECISIONS, [job.id for job in entitled], [job.denied for job in entitled]
+            )
         return jobs
 
     async def rescue(self) -> int:
@@ -578,6 +572,8 @@ class Worker:
 
     async def attempt(self, job: ClaimedJob) -> Outcome:
         """Deliver one claimed job; never raises."""
+        if job.denied is not None:
+            return Outcome.of(job, DeliveryResult(succeeded=False, error=ENTITLEMENT_GONE[job.denied]))
         try:
             secrets = (
                 self.runtime.secrets.decrypt(job.secret_ciphertext, bound_to=target_binding(job.target_id))

@@ -136,6 +136,9 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
         # Every peer in these tests listens on 127.0.0.1, which only such deployments may reach.
         allow_private_targets=True,
         run_worker=False,
+        # A session without a key acts as the local agent, as on the embedded default; the access
+        # tests give keys of their own (tests/test_access.py).
+        local_agent=True,
         poll_interval=0.2,
         delivery_timeout=5.0,
         shutdown_grace=2.0,

@@ -41,7 +41,9 @@ async def item(service: DistributionService, n: int):
 
 
 async def deliver(service: DistributionService, worker: Worker, item_id, target_id) -> None:
-    await service.create_distribution_plan(CreateDistributionPlanInput(content_item_id=item_id, target_ids=[target_id]))
+    # Redelivering on purpose: the 5-minute duplicate rule would refuse it.
+    request = CreateDistributionPlanInput(content_item_id=item_id, target_ids=[target_id], allow_duplicate=True)
+    await service.create_distribution_plan(request)
     assert await worker.run_once() == 1
 
 

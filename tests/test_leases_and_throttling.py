@@ -285,7 +285,10 @@ async def test_an_awaited_plan_is_delivered_ahead_of_a_backlog(
             await anyio.to_thread.run_sync(slow.wait_for, 20)
             done = await service.create_distribution_plan(
                 CreateDistributionPlanInput(
-                    content_item_id=item_plan.content_item_id, target_ids=[fast_target], await_delivery=True
+                    content_item_id=item_plan.content_item_id,
+                    target_ids=[fast_target],
+                    await_delivery=True,
+                    allow_duplicate=True,
                 )
             )
     assert done.status == "succeeded" and done.await_timed_out is False

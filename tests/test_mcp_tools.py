@@ -15,6 +15,7 @@ from mcp import Client
 
 from tests.helpers import call, call_error, database_name, new_signing_secret, terminate_lock_waiters
 from wordclaw_mcp.config import Settings
+from wordclaw_mcp.errors import DistributionError
 from wordclaw_mcp.receiver import WebhookReceiver
 from wordclaw_mcp.server import build_server
 
@@ -32,12 +33,21 @@ TOOL_ARGUMENTS = {
         "transformPolicy",
     },
     "list_targets": set(),
-    "create_distribution_plan": {"contentItemId", "targetIds", "transformPolicy", "awaitDelivery", "dryRun"},
+    "create_distribution_plan": {
+        "contentItemId",
+        "targetIds",
+        "transformPolicy",
+        "awaitDelivery",
+        "dryRun",
+        "allowDuplicate",
+        "idempotencyKey",
+    },
     "get_plan": {"planId"},
     "cancel_plan": {"planId"},
     "get_receipts": {"planId"},
     "retry_plan": {"planId", "jobIds"},
     "rotate_target_secret": {"targetId", "graceHours"},
+    "get_my_entitlements": set(),
 }
 
 
@@ -376,14 +386,14 @@ async def test_nul_characters_in_arguments_are_validation_errors_naming_the_fiel
     assert f"{field}: " in error["message"] and "NUL" in error["message"]
 
 
-async def test_a_server_whose_keys_decrypt_no_stored_secret_serves_tools_without_delivering(
-    settings: Settings, receiver: WebhookReceiver, caplog: pytest.LogCaptureFixture
+async def test_a_server_whose_keys_decrypt_no_stored_secret_refuses_to_start(
+    settings: Settings, receiver: WebhookReceiver
 ) -> None:
     async with Client(build_server(settings)) as client:
-        item, target = await content_and_target(client, receiver.url, secrets={"signingSecret": new_signing_secret()})
+        await content_and_target(client, receiver.url, secrets={"signingSecret": new_signing_secret()})
     wrong = replace(settings, run_worker=True, secret_keys=(Fernet.generate_key().decode(),))
-    async with Client(build_server(wrong)) as client:
-        plan = await call(client, "create_distribution_plan", contentItemId=item["id"], targetIds=[target["id"]])
-        assert plan["status"] == "queued"
-    assert "not delivering from this process: SECRET_KEY_MISMATCH" in caplog.text
+    with pytest.raises(DistributionError) as refused:
+        async with Client(build_server(wrong)):
+            pass
+    assert refused.value.code == "SECRET_KEY_MISMATCH"
     assert receiver.requests == []

@@ -44,15 +44,19 @@ WHERE p.status IS DISTINCT FROM wordclaw_plan_status(p.id)
 
 async def make_plans(conn: asyncpg.Connection, sizes: list[int]) -> dict[UUID, list[UUID]]:
     """Plans with ``sizes`` queued jobs each, one statement per plan as the service does: plan id -> job ids."""
-    item = await conn.fetchval("INSERT INTO content_items (title, body_markdown) VALUES ('t', 'b') RETURNING id")
+    item = await conn.fetchval(
+        "INSERT INTO content_items (title, body_markdown, tenant_id, created_by_agent_id) "
+        "VALUES ('t', 'b', 'default', '00000000-0000-0000-0000-000000000001') RETURNING id"
+    )
     target = await conn.fetchval(
-        "INSERT INTO distribution_targets (name, channel_type) VALUES ('rollup', 'webhook') RETURNING id"
+        "INSERT INTO distribution_targets (name, channel_type, tenant_id) "
+        "VALUES ('rollup', 'webhook', 'default') RETURNING id"
     )
     plans = {}
     for size in sizes:
         plan = await conn.fetchval(
-            "INSERT INTO distribution_plans (content_item_id, content_version, created_by_agent_id) "
-            "VALUES ($1, 1, 'test') RETURNING id",
+            "INSERT INTO distribution_plans (content_item_id, content_version, created_by_agent_id, tenant_id) "
+            "VALUES ($1, 1, '00000000-0000-0000-0000-000000000001', 'default') RETURNING id",
             item,
         )
         plans[plan] = await add_jobs(conn, plan, target, size)

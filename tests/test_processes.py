@@ -38,6 +38,8 @@ def external_database_env(database_url: str, tmp_path: Path) -> dict[str, str]:
         WORDCLAW_ALLOW_PRIVATE_TARGETS="1",
         WORDCLAW_SECRET_KEYS=Fernet.generate_key().decode(),
         WORDCLAW_HOME=str(tmp_path / "home"),
+        # A session without a key acts as the local agent; test_stdio_server_… gives one a key.
+        WORDCLAW_LOCAL_AGENT="1",
     )
 
 
@@ -77,10 +79,15 @@ async def publish_over_stdio(env: dict[str, str], receiver: WebhookReceiver) -> 
 async def test_stdio_server_and_a_separate_worker_deliver_a_webhook(
     database_url: str, receiver: WebhookReceiver, tmp_path: Path
 ) -> None:
-    env = external_database_env(database_url, tmp_path)
+    env = external_database_env(database_url, tmp_path) | {"WORDCLAW_LOCAL_AGENT": "0"}
+    # The agent's key, made as an operator makes it, and given to the session as a user gives it.
+    made = await anyio.run_process(
+        [str(BIN / "wordclaw"), "agents", "create", "stdio-bot", "--scopes", "admin"], env=env
+    )
+    [key] = [line.removeprefix("key: ") for line in made.stdout.decode().splitlines() if line.startswith("key: ")]
     log = tmp_path / "worker.log"
     async with worker_process(env, log) as worker:
-        plan = await publish_over_stdio(env, receiver)
+        plan = await publish_over_stdio(env | {"WORDCLAW_AGENT_KEY": key}, receiver)
         assert await stop(worker, log) == 0
     assert plan["status"] == "succeeded", plan
     # uvloop is a dependency wherever it builds; the daemon runs on it (docs/benchmarks.md says why).

@@ -50,14 +50,18 @@ async def conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
 
 async def make_plan(conn: asyncpg.Connection, *jobs: tuple[str, float | None]) -> tuple[UUID, list[UUID]]:
     """A plan with one job per (status, days since it finished); the triggers set the plan's status."""
-    item = await conn.fetchval("INSERT INTO content_items (title, body_markdown) VALUES ('t', 'b') RETURNING id")
+    item = await conn.fetchval(
+        "INSERT INTO content_items (title, body_markdown, tenant_id, created_by_agent_id) "
+        "VALUES ('t', 'b', 'default', '00000000-0000-0000-0000-000000000001') RETURNING id"
+    )
     target = await conn.fetchval(
-        "INSERT INTO distribution_targets (name, channel_type) VALUES ($1, 'webhook') RETURNING id",
+        "INSERT INTO distribution_targets (name, channel_type, tenant_id) VALUES ($1, 'webhook', 'default') "
+        "RETURNING id",
         f"hook-{uuid.uuid4().hex[:8]}",
     )
     plan = await conn.fetchval(
-        "INSERT INTO distribution_plans (content_item_id, content_version, created_by_agent_id) "
-        "VALUES ($1, 1, 'test') RETURNING id",
+        "INSERT INTO distribution_plans (content_item_id, content_version, created_by_agent_id, tenant_id) "
+        "VALUES ($1, 1, '00000000-0000-0000-0000-000000000001', 'default') RETURNING id",
         item,
     )
     job_ids = [

@@ -20,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit, urlunsplit
+from uuid import UUID
 
 import anyio
 import asyncpg
@@ -93,14 +94,18 @@ async def test_a_database_newer_than_the_release_is_refused(empty_database_url: 
 
 
 async def _plan_with_jobs(conn: asyncpg.Connection, count: int) -> uuid.UUID:
-    item = await conn.fetchval("INSERT INTO content_items (title, body_markdown) VALUES ('t', 'b') RETURNING id")
+    item = await conn.fetchval(
+        "INSERT INTO content_items (title, body_markdown, tenant_id, created_by_agent_id) "
+        "VALUES ('t', 'b', 'default', '00000000-0000-0000-0000-000000000001') RETURNING id"
+    )
     target = await conn.fetchval(
-        "INSERT INTO distribution_targets (name, channel_type) VALUES ($1, 'webhook') RETURNING id",
+        "INSERT INTO distribution_targets (name, channel_type, tenant_id) VALUES ($1, 'webhook', 'default') "
+        "RETURNING id",
         f"t-{uuid.uuid4().hex[:6]}",
     )
     plan = await conn.fetchval(
-        "INSERT INTO distribution_plans (content_item_id, content_version, created_by_agent_id) "
-        "VALUES ($1, 1, 'test') RETURNING id",
+        "INSERT INTO distribution_plans (content_item_id, content_version, created_by_agent_id, tenant_id) "
+        "VALUES ($1, 1, '00000000-0000-0000-0000-000000000001', 'default') RETURNING id",
         item,
     )
     await conn.execute(
@@ -198,8 +203,8 @@ async def test_the_worker_statements_have_index_driven_generic_plans(name: str, 
         # Spread over a hundred targets, two of them limited; half the jobs running under a lease
         # and half of the rest retries: every index has rows to tempt a bad plan.
         await conn.execute(
-            "INSERT INTO distribution_targets (name, channel_type, max_concurrency, rate_per_minute) "
-            "SELECT 'spread-' || n, 'webhook', CASE WHEN n < 2 THEN 5 END, CASE WHEN n < 2 THEN 60 END "
+            "INSERT INTO distribution_targets (name, channel_type, max_concurrency, rate_per_minute, tenant_id) "
+            "SELECT 'spread-' || n, 'webhook', CASE WHEN n < 2 THEN 5 END, CASE WHEN n < 2 THEN 60 END, 'default' "
             "FROM generate_series(0, 98) AS n"
         )
         await conn.execute(
@@ -837,6 +842,9 @@ def row_differences(expected: Rows, actual: Rows) -> str:
     return "\n".join(lines)
 
 
+LOCAL_AGENT_ID = UUID("00000000-0000-0000-0000-000000000001")
+
+
 async def test_an_upgrade_from_version_1_keeps_every_row(new_database: Callable[[], Awaitable[str]]) -> None:
     """Every row and every value version 1 wrote survives, but for what 0002 changes on purpose."""
     upgraded = await connect(await new_database())
@@ -876,6 +884,12 @@ async def test_an_upgrade_from_version_1_keeps_every_row(new_database: Callable[
             )
         for plan, status in written.stuck_plans.items():
             expected["distribution_plans"][(plan,)].update(status=status, completed_at=migrated_at)
+        # 0012 gave the plans to the local agent, keeping the name each was made under.
+        for plan in expected["distribution_plans"].values():
+            plan.update(
+                created_by_agent_id=LOCAL_AGENT_ID,
+                options={**plan["options"], "legacyAgentId": plan["created_by_agent_id"]},
+            )
 
         versions = after["schema_version"]
         assert sorted(versions) == [(version,) for version in range(1, SCHEMA_VERSION + 1)]
@@ -909,6 +923,15 @@ async def test_an_upgrade_from_version_1_keeps_every_row(new_database: Callable[
             for row in added
             if not (row["table_name"] == "distribution_plans" and row["column_name"].endswith("_jobs"))
         ]
+        # And the owners 0012 gave every row: the default tenant and the local agent.
+        owners = {"tenant_id": "default", "created_by_agent_id": LOCAL_AGENT_ID}
+        for table, column, _default in [row for row in added if row["column_name"] in owners]:
+            rows = await upgraded.fetchval(f"SELECT count(*) FROM {quoted(table)}")
+            owned = await upgraded.fetchval(
+                f"SELECT count(*) FROM {quoted(table)} WHERE {quoted(column)} = $1", owners[column]
+            )
+            assert owned == rows > 0, f"{table}.{column}: {rows - owned} of {rows} rows are not the default owner's"
+        added = [row for row in added if row["column_name"] not in owners]
         for table, column, default in added:
             differing = await upgraded.fetchval(
                 f"SELECT count(*) FROM {quoted(table)} WHERE {quoted(column)} IS DISTINCT FROM ({default or 'NULL'})"
@@ -1046,7 +1069,10 @@ async def test_a_statement_waiting_on_a_row_lock_fails_within_the_lock_timeout(d
     holder = await connect(database_url)
     pool = await create_pool(database_url, max_size=1, lock_timeout=0.5)
     try:
-        item = await holder.fetchval("INSERT INTO content_items (title, body_markdown) VALUES ('t', 'b') RETURNING id")
+        item = await holder.fetchval(
+            "INSERT INTO content_items (title, body_markdown, tenant_id, created_by_agent_id) "
+            "VALUES ('t', 'b', 'default', '00000000-0000-0000-0000-000000000001') RETURNING id"
+        )
         async with holder.transaction():
             await holder.execute("SELECT 1 FROM content_items WHERE id = $1 FOR UPDATE", item)
             started = time.monotonic()

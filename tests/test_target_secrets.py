@@ -1,5 +1,5 @@
-"""What the service keeps to itself: credentials in target URLs, fragments of secrets, and its
-own unauthenticated tools, which must not face the network by accident."""
+"""What the service keeps to itself: credentials in target URLs, fragments of secrets, and what
+its tools show of a target."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ from urllib.parse import quote, urlsplit
 import asyncpg
 import pytest
 from cryptography.fernet import Fernet
+from mcp import Client
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from queue_worker.adapters import DeliveryResult, DeliveryTarget, WebhookAdapter
 from queue_worker.worker import Worker, redact
-from tests.helpers import new_signing_secret, publish
-from wordclaw_mcp import cli, queries
+from tests.helpers import call, new_signing_secret, publish
+from wordclaw_mcp import queries
 from wordclaw_mcp.errors import DistributionError
 from wordclaw_mcp.models import (
     CreateDistributionPlanInput,
@@ -103,7 +104,7 @@ async def test_tokens_in_a_target_url_are_stored_encrypted_and_shown_redacted(
     assert target["hasSecrets"] is True
     listed = (await service.list_targets()).model_dump_json(by_alias=True)
     assert endpoint(receiver) + shown in listed and token not in listed
-    stored = await db.fetch(queries.LIST_TARGETS)  # config_json as stored
+    stored = await db.fetch(queries.LIST_TARGETS, "default")  # config_json as stored
     assert token not in json.dumps([row["config"] for row in stored])
 
     receipts = await deliver_once(service, worker, target["id"])
@@ -137,6 +138,8 @@ async def test_targets_stored_before_urls_were_sealed_are_listed_redacted_and_st
         None,
         None,
         None,
+        None,
+        "default",
         None,
     )
 
@@ -221,49 +224,6 @@ def test_a_delivery_target_never_prints_its_secrets() -> None:
     assert "hook" in repr(target)
 
 
-# --- the MCP server's own exposure -------------------------------------------------------------
-
-
-@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.10", "example.com"])
-def test_a_non_loopback_host_is_refused_unless_unauthenticated_access_is_allowed(
-    monkeypatch: pytest.MonkeyPatch, tmp_path, capsys: pytest.CaptureFixture[str], host: str
-) -> None:
-    # Nothing listens on port 1: past the host check, the server fails at once on the database
-    # instead of serving.
-    monkeypatch.setenv("WORDCLAW_DATABASE_URL", "postgresql://postgres@127.0.0.1:1/postgres")
-    monkeypatch.setenv("WORDCLAW_HOME", str(tmp_path))
-    argv = ["--transport", "streamable-http", "--host", host]
-
-    assert cli.mcp_main(argv) == 2
-    lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 1
-    assert lines[0].startswith("wordclaw-mcp: UNAUTHENTICATED_HOST: ")
-    assert f"--host {host}" in lines[0] and "--allow-unauthenticated" in lines[0]
-
-    assert cli.mcp_main([*argv, "--allow-unauthenticated"]) == 2
-    assert "DATABASE_UNAVAILABLE" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize(
-    ("host", "loopback"),
-    [
-        ("127.0.0.1", True),
-        ("127.0.0.2", True),
-        ("::1", True),
-        ("[::1]", True),
-        ("localhost", True),
-        ("LOCALHOST", True),
-        ("0.0.0.0", False),
-        ("::", False),
-        ("10.0.0.1", False),
-        ("example.com", False),
-        ("localhost.example.com", False),
-    ],
-)
-def test_only_loopback_hosts_count_as_local(host: str, loopback: bool) -> None:
-    assert cli.is_loopback_host(host) is loopback
-
-
 # --- signing-secret rotation -------------------------------------------------------------------
 
 
@@ -285,7 +245,7 @@ async def test_a_rotation_signs_with_both_secrets_during_the_grace_and_with_the_
     # A second rotation with no grace: only the newest secret signs.
     newest = (await service.rotate_target_secret(RotateTargetSecretInput(target_id=target_id, grace_hours=0))).secrets
     await service.create_distribution_plan(
-        CreateDistributionPlanInput(content_item_id=plan.content_item_id, target_ids=[target_id])
+        CreateDistributionPlanInput(content_item_id=plan.content_item_id, target_ids=[target_id], allow_duplicate=True)
     )
     await worker.run_once()
     latest = receiver.requests[-1]
@@ -314,3 +274,27 @@ async def test_rotating_an_unknown_target_or_a_channel_without_a_rotatable_secre
     with pytest.raises(DistributionError) as unsupported:
         await service.rotate_target_secret(RotateTargetSecretInput(target_id=mastodon.id))
     assert unsupported.value.code == "SECRET_ROTATION_UNSUPPORTED"
+
+
+async def test_a_target_shows_a_fingerprint_of_its_secrets_that_changes_with_them(mcp_client: Client) -> None:
+    secret = new_signing_secret()
+    first, second = [
+        await call(
+            mcp_client,
+            "register_target",
+            name=f"fp-{n}",
+            channelType="webhook",
+            config={"url": "https://hooks.example.com/in"},
+            secrets={"signingSecret": secret},
+        )
+        for n in range(2)
+    ]
+    listed = {target["id"]: target for target in (await call(mcp_client, "list_targets"))["targets"]}
+    prints = [listed[target["id"]]["secretFingerprint"] for target in (first, second)]
+    assert all(fingerprint.startswith("hmac-sha256:") and len(fingerprint) == 24 for fingerprint in prints)
+    # The same secret on two targets: two fingerprints, so a tag says nothing across rows.
+    assert prints[0] != prints[1] and secret.removeprefix("whsec_")[:8] not in json.dumps(listed)
+    await call(mcp_client, "rotate_target_secret", targetId=first["id"], graceHours=0)
+    after = {target["id"]: target for target in (await call(mcp_client, "list_targets"))["targets"]}
+    assert after[first["id"]]["secretFingerprint"] not in (None, prints[0])
+    assert after[second["id"]]["secretFingerprint"] == prints[1]

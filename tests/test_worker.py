@@ -485,7 +485,7 @@ async def test_a_worker_with_the_wrong_key_leaves_jobs_for_one_that_has_it(
     assert (done.status, done.jobs[0].attempt) == ("succeeded", 1)
 
 
-async def test_a_worker_whose_keys_decrypt_no_stored_secret_refuses_to_start(
+async def test_a_worker_that_cannot_decrypt_every_stored_secret_refuses_to_start(
     service: DistributionService, worker: Worker, wrong_key_runtime: Runtime, receiver: WebhookReceiver
 ) -> None:
     await Worker(wrong_key_runtime).check_secret_keys()  # nothing stored yet: nothing to refuse
@@ -495,6 +495,15 @@ async def test_a_worker_whose_keys_decrypt_no_stored_secret_refuses_to_start(
         await Worker(wrong_key_runtime).check_secret_keys()
     assert refused.value.code == "SECRET_KEY_MISMATCH"
     assert "WORDCLAW_SECRET_KEYS" in refused.value.remediation
+
+    # One secret it cannot read among others it can is refused too, rather than found at delivery.
+    _, [unreadable] = await publish(DistributionService(wrong_key_runtime), [receiver.url])
+    with pytest.raises(DistributionError) as refused:
+        await worker.check_secret_keys()
+    assert refused.value.code == "SECRET_KEY_MISMATCH"
+    [name] = [target.name for target in (await service.list_targets()).targets if target.id == unreadable]
+    assert refused.value.message.startswith("1 stored secret(s) cannot be decrypted")
+    assert repr(name) in refused.value.message
 
     env = {key: value for key, value in os.environ.items() if not key.startswith("WORDCLAW_")}
     env |= {

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
-import ipaddress
 import logging
 import sys
 from dataclasses import replace
@@ -13,6 +12,9 @@ from uuid import UUID
 
 import anyio
 
+from . import cli_access
+from .access import AccessService, key_required
+from .bearer import serve_http
 from .config import Settings
 from .database import apply_schema, create_pool_for, resolve_url
 from .errors import DistributionError
@@ -75,24 +77,48 @@ async def list_workers(settings: Settings) -> list[str]:
     return lines
 
 
-def is_loopback_host(host: str) -> bool:
-    """Whether binding to ``host`` keeps the server reachable from this machine only."""
-    if host.lower() == "localhost":
-        return True
+async def rotate_secret_keys(settings: Settings, *, batch_size: int) -> str:
+    """``wordclaw keys rotate``: every stored secret sealed again under the first key; the summary.
+
+    A progress bar on stderr when it is a terminal, nothing per batch otherwise.
+    """
+    from .keys import rotate_keys
+    from .runtime import Runtime
+
+    async with Runtime.open(settings) as runtime:
+        if not sys.stderr.isatty():
+            return (await rotate_keys(runtime.pool, runtime.secrets, batch_size=batch_size)).summary()
+        from rich.console import Console
+        from rich.progress import Progress
+
+        bar = Progress(console=Console(stderr=True))
+        task = bar.add_task("resealing secrets", total=None)
+
+        def show(done: int, total: int) -> None:
+            bar.start()  # at the first batch: a refusal before it leaves no empty bar behind
+            bar.update(task, completed=done, total=total)
+
+        try:
+            report = await rotate_keys(runtime.pool, runtime.secrets, batch_size=batch_size, progress=show)
+        finally:
+            bar.stop()
+        return report.summary()
+
+
+async def check_before_serving(settings: Settings) -> None:
+    """What the server's start checks, said with one line before serving: the schema (as ``upgrade``),
+    that this process's keys decrypt every stored secret, and that its agent key (if any) is valid."""
+    from .database import open_pool
+    from .keys import verify_stored_secrets
+    from .secrets import SecretBox
+
+    pool, _url = await open_pool(settings, max_size=1)
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # any other name may resolve to an interface others can reach
-
-
-def unauthenticated_host(host: str) -> DistributionError:
-    return DistributionError(
-        "UNAUTHENTICATED_HOST",
-        f"--host {host} would serve the MCP tools beyond this machine, and they have no authentication: "
-        "anyone who can reach the port could publish through your targets.",
-        "Keep the default --host 127.0.0.1 and put an authenticating reverse proxy in front, "
-        "or pass --allow-unauthenticated if every client that can reach the port is trusted.",
-    )
+        await verify_stored_secrets(pool, SecretBox.from_settings(settings))
+        if settings.agent_key:
+            await AccessService(pool).authenticate(settings.agent_key)
+    finally:
+        await pool.close()
 
 
 def mcp_main(argv: list[str] | None = None) -> int:
@@ -100,11 +126,6 @@ def mcp_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transport", choices=["stdio", "streamable-http"], default="stdio")
     parser.add_argument("--host", default="127.0.0.1", help="for streamable-http")
     parser.add_argument("--port", type=int, default=8765, help="for streamable-http")
-    parser.add_argument(
-        "--allow-unauthenticated",
-        action="store_true",
-        help="allow a --host other than loopback, though the tools have no authentication",
-    )
     worker = parser.add_mutually_exclusive_group()
     worker.add_argument(
         "--with-worker",
@@ -121,15 +142,15 @@ def mcp_main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
-    if args.transport == "streamable-http" and not (is_loopback_host(args.host) or args.allow_unauthenticated):
-        return report_failure("wordclaw-mcp", unauthenticated_host(args.host))
     configure_logging(args.log_level)
     try:
         settings = Settings.from_env()
         if args.run_worker is not None:
             settings = replace(settings, run_worker=args.run_worker)
         # Fail before serving, with one line, rather than from inside the protocol loop.
-        anyio.run(upgrade, settings)
+        anyio.run(check_before_serving, settings)
+        if args.transport == "stdio" and not (settings.agent_key or settings.local_agent_allowed):
+            raise key_required()
     except DistributionError as exc:
         return report_failure("wordclaw-mcp", exc)
 
@@ -139,8 +160,9 @@ def mcp_main(argv: list[str] | None = None) -> int:
     if args.transport == "stdio":
         anyio.run(server.run_stdio_async, backend_options=event_loop_options())
     else:
-        serve_http = functools.partial(server.run_streamable_http_async, host=args.host, port=args.port)
-        anyio.run(serve_http, backend_options=event_loop_options())
+        # Every HTTP request is authenticated by its bearer key (wordclaw_mcp/bearer.py).
+        http = functools.partial(serve_http, server, settings, host=args.host, port=args.port)
+        anyio.run(http, backend_options=event_loop_options())
     return 0
 
 
@@ -173,6 +195,15 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--plan", type=UUID, help="every failed job of this plan")
     which.add_argument("--target", type=UUID, help="every failed job of this target")
     which.add_argument("--job", type=UUID, help="this job")
+    keys = commands.add_parser("keys", help="secret key commands").add_subparsers(dest="keys_command", required=True)
+    keys_rotate_cmd = keys.add_parser(
+        "rotate",
+        help="seal every stored secret again under the first WORDCLAW_SECRET_KEYS key, so the others can be dropped",
+    )
+    keys_rotate_cmd.add_argument(
+        "--batch-size", type=int, default=500, help="rows each transaction reseals at most (default 500)"
+    )
+    cli_access.add_parsers(commands)
     commands.add_parser("workers", help="list the running workers and their last heartbeat")
     commands.add_parser("demo", help="publish a content item to a local webhook through the MCP server")
     commands.add_parser("mcp", help="the MCP server (same as wordclaw-mcp)", add_help=False)
@@ -200,6 +231,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "jobs":
             count = anyio.run(lambda: redrive(Settings.from_env(), plan=args.plan, target=args.target, job=args.job))
             print(f"{count} failed job(s) queued again")
+            return 0
+        if args.command == "keys":
+            if args.batch_size < 1:
+                parser.error("--batch-size must be at least 1")
+            print(anyio.run(lambda: rotate_secret_keys(Settings.from_env(), batch_size=args.batch_size)))
+            return 0
+        if args.command in ("agents", "entitlements"):
+            for line in cli_access.run(args, Settings.from_env()):
+                print(line)
             return 0
         if args.command == "workers":
             for line in anyio.run(lambda: list_workers(Settings.from_env())):

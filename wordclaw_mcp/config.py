@@ -58,7 +58,14 @@ class Settings:
     # Where feed targets (rss, atom) write their files; a target's path is relative to it.
     feeds_dir: Path | None = None
     run_worker: bool | None = None
-    agent_id: str = "local-agent"
+    # The API key a stdio session (or an in-process client) calls with; never printed.
+    agent_key: str | None = field(default=None, repr=False)
+    # Whether a session without a key acts as the local agent (admin of the default tenant).
+    # None: only on the embedded database, the one-user default.
+    local_agent: bool | None = None
+    # Seconds added to the clock the duplicate, idempotency and expiry rules read (wordclaw_now()
+    # in schema.sql). For tests, which move time instead of waiting for it.
+    clock_offset: float = 0.0
     max_attempts: int = 8
     worker_concurrency: int = 20
     worker_batch_size: int = 20
@@ -133,7 +140,8 @@ class Settings:
             if os.environ.get("WORDCLAW_FEEDS_DIR")
             else None,
             run_worker=None if run_worker is None else _flag("WORDCLAW_RUN_WORKER"),
-            agent_id=os.environ.get("WORDCLAW_AGENT_ID", "local-agent"),
+            agent_key=os.environ.get("WORDCLAW_AGENT_KEY") or None,
+            local_agent=None if os.environ.get("WORDCLAW_LOCAL_AGENT") is None else _flag("WORDCLAW_LOCAL_AGENT"),
             max_attempts=_int("WORDCLAW_MAX_ATTEMPTS", 8),
             worker_concurrency=_int("WORDCLAW_WORKER_CONCURRENCY", 20),
             worker_batch_size=_int("WORDCLAW_WORKER_BATCH_SIZE", 20),
@@ -148,6 +156,10 @@ class Settings:
     @property
     def feeds_path(self) -> Path:
         return self.feeds_dir or self.home / "feeds"
+
+    @property
+    def local_agent_allowed(self) -> bool:
+        return self.embedded if self.local_agent is None else self.local_agent
 
     @property
     def embedded(self) -> bool:

@@ -232,6 +232,7 @@ async def create_pool(
     statement_timeout: float = Settings.statement_timeout,
     lock_timeout: float = Settings.lock_timeout,
     idle_in_transaction_timeout: float = IDLE_IN_TRANSACTION_TIMEOUT,
+    clock_offset: float = 0.0,
 ) -> asyncpg.Pool:
     """A pool whose connections carry the codecs and the statement, lock and idle limits.
 
@@ -245,6 +246,9 @@ async def create_pool(
         lock_timeout=lock_timeout,
         idle_in_transaction_timeout=idle_in_transaction_timeout,
     )
+    if clock_offset:
+        # Read by wordclaw_now(): the clock the duplicate, idempotency and expiry rules use.
+        options["server_settings"]["wordclaw.clock_offset"] = repr(float(clock_offset))
     try:
         return await asyncpg.create_pool(
             url, min_size=min_size, max_size=max_size, init=_init_connection, reset=_keep_session, **options
@@ -254,9 +258,13 @@ async def create_pool(
 
 
 async def create_pool_for(settings: Settings, url: str, *, max_size: int = 10) -> asyncpg.Pool:
-    """create_pool with the limits from ``settings``."""
+    """create_pool with the limits (and the test clock) from ``settings``."""
     return await create_pool(
-        url, max_size=max_size, statement_timeout=settings.statement_timeout, lock_timeout=settings.lock_timeout
+        url,
+        max_size=max_size,
+        statement_timeout=settings.statement_timeout,
+        lock_timeout=settings.lock_timeout,
+        clock_offset=settings.clock_offset,
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 from uuid import UUID
 
 from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, HttpUrl, field_validator
@@ -14,6 +14,10 @@ PlanStatus = Literal["queued", "running", "succeeded", "partial", "failed", "can
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 FINAL_PLAN_STATUSES: frozenset[str] = frozenset({"succeeded", "partial", "failed", "cancelled"})
+
+Scope = Literal["distribution:read", "distribution:write", "targets:admin", "content:write", "admin"]
+SCOPES: tuple[str, ...] = get_args(Scope)
+EntitlementStatus = Literal["active", "expired", "revoked", "exhausted"]
 
 
 class ApiModel(BaseModel):
@@ -53,6 +57,64 @@ def _unstorable(value: Any, where: str = "") -> str | None:
     return None
 
 
+# --- agents and entitlements -----------------------------------------------------------------
+
+
+class Agent(ApiModel):
+    """Who calls: every row it makes belongs to its tenant, and its scopes say which tools it may call."""
+
+    id: UUID
+    name: str
+    tenant_id: str
+    scopes: list[Scope]
+    key_prefix: str | None = Field(None, description="The first characters of its key, to tell keys apart.")
+    created_at: datetime | None = None
+    revoked_at: datetime | None = None
+
+    def may(self, scope: str) -> bool:
+        return "admin" in self.scopes or scope in self.scopes
+
+
+class Entitlement(ApiModel):
+    """A grant to an agent of the right to distribute one content item, or all of its tenant's."""
+
+    id: UUID
+    tenant_id: str
+    agent_id: UUID
+    content_item_id: UUID | None = Field(description="None: every content item of the tenant.")
+    status: EntitlementStatus = Field(
+        description="As it stands now: an active grant past expiresAt is expired, one whose budget is spent exhausted."
+    )
+    expires_at: datetime | None
+    allowed_channels: list[str] = Field(description="Channel types it covers; empty means any.")
+    allow_redistribution: bool
+    excerpt_only: bool = Field(description="Only excerpts may be sent (transformPolicy.excerptOnly).")
+    max_excerpt_chars: int | None
+    max_distributions: int | None = Field(description="How many deliveries (one per target) it allows in all.")
+    distributions_used: int
+    created_at: datetime
+    revoked_at: datetime | None
+
+    @property
+    def remaining(self) -> int | None:
+        return None if self.max_distributions is None else self.max_distributions - self.distributions_used
+
+
+class MyEntitlements(ApiModel):
+    agent: Agent
+    entitlements: list[Entitlement]
+
+
+class Decision(ApiModel):
+    """An entitlement decision for one target: allowed (as the item's creator, or by a grant) or denied."""
+
+    outcome: Literal["allow", "deny"]
+    code: str = Field(description="OWNER or ENTITLED when allowed; the denial's error code when denied.")
+    message: str | None = None
+    remediation: str | None = None
+    entitlement_id: UUID | None = None
+
+
 # --- content --------------------------------------------------------------------------------
 
 
@@ -78,6 +140,9 @@ class ContentItem(ApiModel):
     version: int = Field(description="Starts at 1 and grows by one on every update.")
     created_at: datetime
     updated_at: datetime
+    created_by_agent_id: UUID | None = Field(
+        None, description="The agent that created it: it may always distribute it; others need an entitlement."
+    )
 
 
 # --- targets --------------------------------------------------------------------------------
@@ -169,6 +234,9 @@ class Target(ApiModel):
     channel_type: str
     config: dict[str, Any]
     has_secrets: bool
+    secret_fingerprint: str | None = Field(
+        None, description="A short fingerprint of the stored secrets: it changes when they change, and reveals nothing."
+    )
     active: bool
     suspended_until: datetime | None
     created_at: datetime
@@ -227,7 +295,19 @@ class CreateDistributionPlanInput(InputModel):
     await_delivery: bool = Field(
         False, description="Wait up to 10 s for every job to finish; returns the current state if not."
     )
-    dry_run: bool = Field(False, description="Return each target's transformed payload; queue nothing.")
+    dry_run: bool = Field(
+        False, description="Return each target's transformed payload and entitlement decision; queue nothing."
+    )
+    allow_duplicate: bool = Field(
+        False,
+        description="Queue it even if a plan for the same item and one of these targets was made in the last 5 "
+        "minutes (which otherwise fails with DUPLICATE_DISTRIBUTION_PLAN).",
+    )
+    idempotency_key: Annotated[str | None, Field(min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$")] = Field(
+        None,
+        description="Makes the call safe to repeat: for 24 hours the same key returns the plan it first made, "
+        "queuing nothing new. The same key with other arguments fails with IDEMPOTENCY_KEY_REUSED.",
+    )
 
 
 class PlanRef(InputModel):
@@ -273,6 +353,7 @@ class Preview(ApiModel):
     limit: int | None = Field(None, description="The most the channel (or the policy's maxLength) allows.")
     truncated: bool = Field(False, description="Whether the text was cut to fit.")
     cut_at: int | None = Field(None, description="Where in the text it was cut, in characters.")
+    decision: Decision | None = Field(None, description="Whether the calling agent may distribute to this target.")
 
 
 class Plan(ApiModel):

@@ -35,13 +35,17 @@ def _ident(name: str) -> str:
 
 # --- content items ----------------------------------------------------------------------------
 
+# Every statement an agent's call runs names its tenant: a row of another tenant is not found.
+
 _CONTENT_COLUMNS = """
-    id, title, body_markdown AS body, summary, canonical_url, metadata, version, created_at, updated_at
+    id, title, body_markdown AS body, summary, canonical_url, metadata, version, created_at, updated_at,
+    created_by_agent_id
 """
 
+# $6 tenant, $7 the creating agent.
 INSERT_CONTENT_ITEM = f"""
-INSERT INTO content_items (title, body_markdown, summary, canonical_url, metadata)
-VALUES ($1, $2, $3, $4, $5)
+INSERT INTO content_items (title, body_markdown, summary, canonical_url, metadata, tenant_id, created_by_agent_id)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
 RETURNING {_CONTENT_COLUMNS}
 """
 
@@ -49,32 +53,35 @@ UPDATE_CONTENT_ITEM = f"""
 UPDATE content_items
 SET title = $2, body_markdown = $3, summary = $4, canonical_url = $5, metadata = $6,
     version = version + 1, updated_at = now()
-WHERE id = $1
+WHERE id = $1 AND tenant_id = $7
 RETURNING {_CONTENT_COLUMNS}
 """
 
-GET_CONTENT_ITEM = f"SELECT {_CONTENT_COLUMNS} FROM content_items WHERE id = $1"
+GET_CONTENT_ITEM = f"SELECT {_CONTENT_COLUMNS} FROM content_items WHERE id = $1 AND tenant_id = $2"
 
 # --- targets ----------------------------------------------------------------------------------
 
 _TARGET_COLUMNS = """
     id, name, channel_type, config_json AS config, secret_ciphertext IS NOT NULL AS has_secrets,
-    active, suspended_until, created_at, max_concurrency, rate_per_minute, transform_policy
+    secret_fingerprint, active, suspended_until, created_at, max_concurrency, rate_per_minute, transform_policy
 """
 
 INSERT_TARGET = f"""
 INSERT INTO distribution_targets
-    (id, name, channel_type, config_json, secret_ciphertext, max_concurrency, rate_per_minute, transform_policy)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-ON CONFLICT (name) DO NOTHING
+    (id, name, channel_type, config_json, secret_ciphertext, max_concurrency, rate_per_minute, transform_policy,
+     tenant_id, secret_fingerprint)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+ON CONFLICT (tenant_id, name) DO NOTHING
 RETURNING {_TARGET_COLUMNS}
 """
 
-GET_TARGET_SECRETS = "SELECT channel_type, secret_ciphertext FROM distribution_targets WHERE id = $1"
+GET_TARGET_SECRETS = "SELECT channel_type, secret_ciphertext FROM distribution_targets WHERE id = $1 AND tenant_id = $2"
 
 # Replaces a target's encrypted secrets (a rotation). The worker's cache is keyed by ciphertext,
 # so the next claim carries, and decrypts, the new one.
-UPDATE_TARGET_SECRETS = "UPDATE distribution_targets SET secret_ciphertext = $2, updated_at = now() WHERE id = $1"
+UPDATE_TARGET_SECRETS = """
+UPDATE distribution_targets SET secret_ciphertext = $2, secret_fingerprint = $3, updated_at = now() WHERE id = $1
+"""
 
 # --- feeds ------------------------------------------------------------------------------------
 
@@ -98,11 +105,13 @@ INSERT INTO channel_sessions (target_id, ciphertext) VALUES ($1, $2)
 ON CONFLICT (target_id) DO UPDATE SET ciphertext = excluded.ciphertext, updated_at = now()
 """
 
-GET_FEED_TARGET = "SELECT channel_type, config_json AS config FROM distribution_targets WHERE id = $1"
+GET_FEED_TARGET = (
+    "SELECT channel_type, config_json AS config FROM distribution_targets WHERE id = $1 AND tenant_id = $2"
+)
 
-LIST_TARGETS = f"SELECT {_TARGET_COLUMNS} FROM distribution_targets ORDER BY created_at, name"
+LIST_TARGETS = f"SELECT {_TARGET_COLUMNS} FROM distribution_targets WHERE tenant_id = $1 ORDER BY created_at, name"
 
-GET_TARGETS = f"SELECT {_TARGET_COLUMNS} FROM distribution_targets WHERE id = ANY($1::uuid[])"
+GET_TARGETS = f"SELECT {_TARGET_COLUMNS} FROM distribution_targets WHERE id = ANY($1::uuid[]) AND tenant_id = $2"
 
 # --- plans ------------------------------------------------------------------------------------
 
@@ -110,32 +119,125 @@ _PLAN_COLUMNS = "id, content_item_id, content_version, status, created_at, compl
 
 _JOB_COLUMNS = "id, target_id, status, attempt, max_attempts, next_attempt_at, last_error, updated_at"
 
+# The locks a plan's creation holds until it commits, taken in one order so that two creations
+# never deadlock: one per (tenant, item, target), so that two plans for the same item and target
+# are made one after the other and the second sees the first (the duplicate rule); and one for
+# the agent's idempotency key, if it gave one. $1 tenant, $2 item, $3 target ids, $4 agent,
+# $5 idempotency key (null: none).
+LOCK_PLAN_KEYS = """
+SELECT count(pg_advisory_xact_lock(k))
+FROM (
+    SELECT DISTINCT k FROM (
+        SELECT hashtextextended('plan:' || $1::text || ':' || $2::uuid::text || ':' || t::text, 0) AS k
+        FROM unnest($3::uuid[]) AS t
+        UNION ALL
+        SELECT hashtextextended('idempotency:' || $4::uuid::text || ':' || $5::text, 0) WHERE $5 IS NOT NULL
+    ) keys
+    ORDER BY k
+) ordered
+"""
+
+# The plan an agent's idempotency key made in the last 24 hours, if any; read under the key's
+# lock (LOCK_PLAN_KEYS). An older use of the key is retired first, so the key can make a new plan.
+FIND_IDEMPOTENT_PLAN = f"""
+WITH retired AS (
+    UPDATE distribution_plans SET idempotency_key = NULL
+    WHERE created_by_agent_id = $1 AND idempotency_key = $2 AND created_at <= wordclaw_now() - interval '24 hours'
+)
+SELECT {_PLAN_COLUMNS}, request_digest
+FROM distribution_plans
+WHERE created_by_agent_id = $1 AND idempotency_key = $2 AND created_at > wordclaw_now() - interval '24 hours'
+"""
+
+# Spend the grants a plan's jobs rely on, one distribution per job: parallel arrays of grant
+# ids ($1) and job counts ($2). A grant that is no longer active, has expired, or has too little
+# left is not touched and not returned; the rows are locked in id order first, so two plans
+# spending the same grants wait for each other instead of deadlocking, and the second sees what
+# the first spent. A grant whose budget this spends to the last becomes exhausted.
+SPEND_ENTITLEMENTS = """
+WITH wanted AS (
+    SELECT e.id, s.n
+    FROM entitlements e JOIN unnest($1::uuid[], $2::int[]) AS s (id, n) ON s.id = e.id
+    ORDER BY e.id
+    FOR UPDATE OF e
+)
+UPDATE entitlements e
+SET distributions_used = e.distributions_used + w.n,
+    status = CASE WHEN e.distributions_used + w.n >= e.max_distributions THEN 'exhausted' ELSE e.status END
+FROM wanted w
+WHERE e.id = w.id AND e.status = 'active'
+  AND (e.expires_at IS NULL OR e.expires_at > wordclaw_now())
+  AND (e.max_distributions IS NULL OR e.distributions_used + w.n <= e.max_distributions)
+RETURNING e.id
+"""
+
 # Transition: (none) -> queued, for a plan and its whole fan-out, in one statement: the jobs
 # arrive together or not at all, the insert trigger sends workers a single wake-up, and the
 # caller gets the plan and its jobs back without reading them again (a round trip each). The
 # plan is returned as inserted; its jobs' trigger sets its counters at the end of the
 # statement, which leave a new plan 'queued'.
+#
+# The duplicate rule is checked in the same statement, after LOCK_PLAN_KEYS: a plan of the same
+# tenant for the same item and any of these targets made in the last 5 minutes (unless its job
+# for the target was cancelled) stops the insert, and is returned in `duplicates` instead of the
+# plan. $9 true lets it through (allowDuplicate).
+#
 # $1 content item, $2 its version, $3 agent, $4 options, $5 max attempts, $6 target ids,
 # $7 payloads (parallel to $6), $8 the jobs' priority: 1 for a plan someone is waiting on
-# (awaitDelivery), else 0.
+# (awaitDelivery), else 0. $10 tenant, $11 idempotency key, $12 digest of the arguments,
+# $13 each job's grant (parallel to $6; null where the agent created the item); $14 channel
+# types and $15 decision codes (parallel to $6), logged as the plan's entitlement decisions.
 CREATE_PLAN = f"""
-WITH plan AS (
-    INSERT INTO distribution_plans (content_item_id, content_version, created_by_agent_id, options)
-    VALUES ($1, $2, $3, $4)
+WITH duplicates AS (
+    SELECT p.id AS plan_id, array_agg(j.target_id ORDER BY j.position) AS target_ids
+    FROM distribution_plans p
+    JOIN distribution_jobs j ON j.plan_id = p.id
+    WHERE NOT $9 AND p.content_item_id = $1 AND p.tenant_id = $10
+      AND p.created_at > wordclaw_now() - interval '5 minutes'
+      AND j.target_id = ANY ($6::uuid[]) AND j.status <> 'cancelled'
+    GROUP BY p.id
+), plan AS (
+    INSERT INTO distribution_plans
+        (content_item_id, content_version, created_by_agent_id, options, tenant_id, idempotency_key, request_digest)
+    SELECT $1, $2, $3, $4, $10, $11, $12
+    WHERE NOT EXISTS (SELECT 1 FROM duplicates)
     RETURNING {_PLAN_COLUMNS}
 ), jobs AS (
-    INSERT INTO distribution_jobs (plan_id, target_id, position, max_attempts, payload_snapshot, priority)
-    SELECT plan.id, fanout.target_id, fanout.position, $5, fanout.payload, $8
-    FROM plan, unnest($6::uuid[], $7::jsonb[]) WITH ORDINALITY AS fanout (target_id, payload, position)
-    RETURNING {_JOB_COLUMNS}, position
+    INSERT INTO distribution_jobs
+        (plan_id, target_id, position, max_attempts, payload_snapshot, priority, entitlement_id)
+    SELECT plan.id, fanout.target_id, fanout.position, $5, fanout.payload, $8, fanout.entitlement_id
+    FROM plan, unnest($6::uuid[], $7::jsonb[], $13::uuid[]) WITH ORDINALITY
+        AS fanout (target_id, payload, entitlement_id, position)
+    RETURNING {_JOB_COLUMNS}, position, entitlement_id
+), decisions AS (
+    INSERT INTO entitlement_decisions
+        (tenant_id, agent_id, content_item_id, target_id, channel_type, stage, outcome, code, entitlement_id, plan_id,
+         job_id)
+    SELECT $10, $3, $1, jobs.target_id, d.channel_type, 'plan', 'allow', d.code, jobs.entitlement_id, plan.id, jobs.id
+    FROM plan, jobs
+    JOIN unnest($14::text[], $15::text[]) WITH ORDINALITY AS d (channel_type, code, position)
+        ON d.position = jobs.position
 )
-SELECT plan.*, (SELECT jsonb_agg(to_jsonb(jobs) - 'position' ORDER BY position) FROM jobs) AS jobs
-FROM plan
+SELECT plan.*, (SELECT jsonb_agg(to_jsonb(jobs) - 'position' - 'entitlement_id' ORDER BY position) FROM jobs) AS jobs,
+       (SELECT jsonb_agg(jsonb_build_object('planId', plan_id, 'targetIds', target_ids)) FROM duplicates)
+           AS duplicates
+FROM (SELECT 1) AS one
+LEFT JOIN plan ON true
 """
 
-GET_PLAN = f"SELECT {_PLAN_COLUMNS} FROM distribution_plans WHERE id = $1"
+# Decisions that made no plan: a dry run's, and a refused plan's (kept although the plan is not).
+# Parallel arrays from $5: target ids, channel types, outcomes, codes, grant ids.
+LOG_DECISIONS = """
+INSERT INTO entitlement_decisions
+    (tenant_id, agent_id, content_item_id, stage, target_id, channel_type, outcome, code, entitlement_id)
+SELECT $1, $2, $3, $4, d.target_id, d.channel_type, d.outcome, d.code, d.entitlement_id
+FROM unnest($5::uuid[], $6::text[], $7::text[], $8::text[], $9::uuid[])
+    AS d (target_id, channel_type, outcome, code, entitlement_id)
+"""
 
-GET_PLAN_STATUS = "SELECT status FROM distribution_plans WHERE id = $1"
+GET_PLAN = f"SELECT {_PLAN_COLUMNS} FROM distribution_plans WHERE id = $1 AND tenant_id = $2"
+
+GET_PLAN_STATUS = "SELECT status FROM distribution_plans WHERE id = $1 AND tenant_id = $2"
 
 GET_PLAN_JOBS = f"""
 SELECT {_JOB_COLUMNS}
@@ -200,6 +302,74 @@ GET_JOBS = """
 SELECT j.id, j.plan_id, j.status, j.target_id, t.active AS target_active
 FROM distribution_jobs j JOIN distribution_targets t ON t.id = j.target_id
 WHERE j.id = ANY ($1::uuid[])
+"""
+
+# --- agents and entitlements ------------------------------------------------------------------
+
+_AGENT_COLUMNS = "id, name, tenant_id, scopes, key_prefix, created_at, revoked_at"
+
+ENSURE_TENANT = "INSERT INTO tenants (id) VALUES ($1) ON CONFLICT DO NOTHING"
+
+# $1 name, $2 tenant, $3 scopes, $4 key prefix, $5 the key's SHA-256.
+INSERT_AGENT = f"""
+INSERT INTO agents (name, tenant_id, scopes, key_prefix, key_hash) VALUES ($1, $2, $3, $4, $5)
+RETURNING {_AGENT_COLUMNS}
+"""
+
+# The agent a key's prefix names, with the hash to check the whole key against.
+AGENT_BY_KEY_PREFIX = f"SELECT {_AGENT_COLUMNS}, key_hash FROM agents WHERE key_prefix = $1"
+
+LIST_AGENTS = f"SELECT {_AGENT_COLUMNS} FROM agents ORDER BY created_at, name"
+
+REVOKE_AGENT = f"""
+UPDATE agents SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1 RETURNING {_AGENT_COLUMNS}
+"""
+
+GET_AGENT = f"SELECT {_AGENT_COLUMNS} FROM agents WHERE id = $1"
+
+# An entitlement as it stands now: an active grant past its expiry is expired, and one whose
+# budget is spent is exhausted, whatever the stored status still says.
+_ENTITLEMENT_COLUMNS = """
+    id, tenant_id, agent_id, content_item_id,
+    CASE WHEN status = 'active' AND expires_at <= wordclaw_now() THEN 'expired'
+         WHEN status = 'active' AND distributions_used >= max_distributions THEN 'exhausted'
+         ELSE status END AS status,
+    expires_at, allowed_channels, allow_redistribution, excerpt_only, max_excerpt_chars, max_distributions,
+    distributions_used, created_at, revoked_at
+"""
+
+# $1 agent, $2 content item (null: all of the agent's tenant's items), $3 expiry, $4 channel types,
+# $5 redistribution, $6 excerpt only, $7 excerpt length, $8 budget. The item must be the agent's
+# tenant's: a grant never crosses tenants.
+INSERT_ENTITLEMENT = f"""
+INSERT INTO entitlements
+    (tenant_id, agent_id, content_item_id, expires_at, allowed_channels, allow_redistribution, excerpt_only,
+     max_excerpt_chars, max_distributions)
+SELECT a.tenant_id, a.id, $2, $3, $4, $5, $6, $7, $8
+FROM agents a
+WHERE a.id = $1 AND ($2::uuid IS NULL OR EXISTS (
+    SELECT 1 FROM content_items c WHERE c.id = $2 AND c.tenant_id = a.tenant_id))
+RETURNING {_ENTITLEMENT_COLUMNS}
+"""
+
+# An agent's grants ($1; null: everyone's), newest first.
+LIST_ENTITLEMENTS = f"""
+SELECT {_ENTITLEMENT_COLUMNS} FROM entitlements WHERE $1::uuid IS NULL OR agent_id = $1 ORDER BY created_at DESC, id
+"""
+
+# An agent's grants over one content item: those for the item, then those for all items; newest first.
+ENTITLEMENTS_FOR_ITEM = f"""
+SELECT {_ENTITLEMENT_COLUMNS} FROM entitlements
+WHERE agent_id = $1 AND (content_item_id = $2 OR content_item_id IS NULL)
+ORDER BY content_item_id IS NULL, created_at DESC, id
+"""
+
+GET_ENTITLEMENTS = f"SELECT {_ENTITLEMENT_COLUMNS} FROM entitlements WHERE id = ANY ($1::uuid[])"
+
+# Queued jobs that rely on the grant fail at their next claim (LOG_DELIVERY_DECISIONS, CLAIM_JOBS).
+REVOKE_ENTITLEMENT = f"""
+UPDATE entitlements SET status = 'revoked', revoked_at = coalesce(revoked_at, now()) WHERE id = $1
+RETURNING {_ENTITLEMENT_COLUMNS}
 """
 
 # --- worker -----------------------------------------------------------------------------------
@@ -303,7 +473,29 @@ WHERE j.id = ANY (ARRAY(SELECT id FROM limited_jobs UNION ALL SELECT id FROM fre
   AND t.id = j.target_id
   AND (SELECT synchronous_commit FROM async_commit) = 'off'
 RETURNING j.id, j.plan_id, j.target_id, j.attempt, j.max_attempts, j.priority, j.payload_snapshot,
-          t.name AS target_name, t.channel_type, t.config_json AS config, t.secret_ciphertext
+          t.name AS target_name, t.channel_type, t.config_json AS config, t.secret_ciphertext, j.entitlement_id,
+          -- The grant the job was allowed by, checked again now: revoked or expired since, it is
+          -- not sent. Spent to the last (exhausted) is fine: this job's share was spent for it.
+          CASE WHEN j.entitlement_id IS NOT NULL THEN (
+              SELECT CASE WHEN e.status = 'revoked' THEN 'ENTITLEMENT_REVOKED'
+                          WHEN e.status = 'expired' OR e.expires_at <= wordclaw_now() THEN 'ENTITLEMENT_EXPIRED' END
+              FROM entitlements e WHERE e.id = j.entitlement_id)
+          END AS denied
+"""
+
+# The entitlement decisions a worker made on claiming jobs that rely on a grant: parallel arrays
+# of job ids ($1) and denial codes ($2, null: allowed).
+LOG_DELIVERY_DECISIONS = """
+INSERT INTO entitlement_decisions
+    (tenant_id, agent_id, content_item_id, target_id, channel_type, stage, outcome, code, entitlement_id, plan_id,
+     job_id)
+SELECT p.tenant_id, p.created_by_agent_id, p.content_item_id, j.target_id, t.channel_type, 'delivery',
+       CASE WHEN d.code IS NULL THEN 'allow' ELSE 'deny' END, coalesce(d.code, 'ENTITLED'), j.entitlement_id,
+       p.id, j.id
+FROM unnest($1::uuid[], $2::text[]) AS d (job_id, code)
+JOIN distribution_jobs j ON j.id = d.job_id
+JOIN distribution_plans p ON p.id = j.plan_id
+JOIN distribution_targets t ON t.id = j.target_id
 """
 
 # Transition: running -> queued | failed | cancelled for attempts whose lease ran out: the
@@ -501,14 +693,6 @@ LIST_WORKERS = """
 SELECT name, host, pid, concurrency, started_at, heartbeat_at FROM workers ORDER BY started_at, name
 """
 
-# Whether this worker's keys can read what is stored: checked before a worker starts.
-TARGET_SECRETS = """
-SELECT id, name, secret_ciphertext FROM distribution_targets
-WHERE active AND secret_ciphertext IS NOT NULL
-ORDER BY created_at DESC
-LIMIT $1
-"""
-
 # --- retention --------------------------------------------------------------------------------
 #
 # Pruning in batches: each statement picks at most $limit rows in age order, skipping rows that
@@ -580,4 +764,70 @@ WITH deleted AS (
     RETURNING 1
 )
 SELECT count(*) FROM deleted
+"""
+
+# --- keys -------------------------------------------------------------------------------------
+#
+# Every stored ciphertext, read in keyset-paginated batches ordered by the row's id (a target's,
+# which is also a session's primary key): $1 is the last id of the previous batch (the nil UUID
+# for the first, which no target has), $2 the batch size. wordclaw_mcp/keys.py verifies them at
+# start and reseals them under the first key (``wordclaw keys rotate``).
+
+STORED_SECRET_COUNTS = """
+SELECT (SELECT count(*) FROM distribution_targets WHERE secret_ciphertext IS NOT NULL) AS targets,
+       (SELECT count(*) FROM channel_sessions) AS sessions
+"""
+
+# Verification reads without locking; the target's name is for the error message.
+TARGET_CIPHERTEXTS = """
+SELECT id, name, secret_ciphertext AS ciphertext FROM distribution_targets
+WHERE secret_ciphertext IS NOT NULL AND id > $1
+ORDER BY id
+LIMIT $2
+"""
+
+SESSION_CIPHERTEXTS = """
+SELECT s.target_id AS id, t.name, s.ciphertext
+FROM channel_sessions s JOIN distribution_targets t ON t.id = s.target_id
+WHERE s.target_id > $1
+ORDER BY s.target_id
+LIMIT $2
+"""
+
+# A rotation batch locks its rows and reads them as they are once locked, so that a secret
+# written meanwhile (rotate_target_secret, a refreshed session) is the one resealed, and one
+# written after waits for the batch's commit and then replaces it. FOR NO KEY UPDATE, the lock
+# the UPDATE takes anyway, rather than FOR UPDATE: it does not block the key-share locks that
+# inserting a job (its foreign key to the target) takes. A row whose secrets were cleared
+# meanwhile drops out, so a batch may come back short before the end: the loop stops on an
+# empty one.
+LOCK_TARGET_CIPHERTEXTS = """
+SELECT id, secret_ciphertext AS ciphertext FROM distribution_targets
+WHERE secret_ciphertext IS NOT NULL AND id > $1
+ORDER BY id
+LIMIT $2
+FOR NO KEY UPDATE
+"""
+
+LOCK_SESSION_CIPHERTEXTS = """
+SELECT target_id AS id, ciphertext FROM channel_sessions
+WHERE target_id > $1
+ORDER BY target_id
+LIMIT $2
+FOR NO KEY UPDATE
+"""
+
+# A batch written back in one statement: ids $1 and their new ciphertexts $2, pairwise, and for
+# targets the fingerprints $3 (keyed by the first key, so they change with it). The secrets
+# themselves are unchanged, so updated_at is left alone.
+RESEAL_TARGET_CIPHERTEXTS = """
+UPDATE distribution_targets t SET secret_ciphertext = r.ciphertext, secret_fingerprint = r.fingerprint
+FROM unnest($1::uuid[], $2::bytea[], $3::text[]) AS r (id, ciphertext, fingerprint)
+WHERE t.id = r.id
+"""
+
+RESEAL_SESSION_CIPHERTEXTS = """
+UPDATE channel_sessions s SET ciphertext = r.ciphertext
+FROM unnest($1::uuid[], $2::bytea[]) AS r (id, ciphertext)
+WHERE s.target_id = r.id
 """

@@ -12,6 +12,8 @@ hold the bare secrets; they still decrypt, and ``wordclaw keys rotate`` binds th
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -50,6 +52,7 @@ class SecretBox:
         if not keys:
             raise ValueError("at least one key is required")
         self._fernet = MultiFernet([Fernet(key.encode()) for key in keys])
+        self._fingerprint_key = hashlib.sha256(b"wordclaw fingerprint\n" + keys[0].encode()).digest()
         self._decrypted: OrderedDict[tuple[bytes, str], dict[str, str]] = OrderedDict()
 
     @classmethod
@@ -81,14 +84,25 @@ class SecretBox:
             raise DistributionError(
                 "SECRET_ROW_MISMATCH",
                 f"The stored secrets of {bound_to} were sealed for another row, so they are not used.",
-                "Someone copied a ciphertext between rows. Give the target its secrets again (register it "
-                "anew, or rotate_target_secret), and find out who can write to the database.",
+                "Someone copied a ciphertext between rows: find out who can write to the database, then "
+                "register the target again with its secrets.",
             )
         secrets = sealed[SECRETS] if BINDING in sealed else sealed
         self._decrypted[key] = secrets
         if len(self._decrypted) > DECRYPTED_CACHE_SIZE:
             self._decrypted.popitem(last=False)
         return dict(secrets)
+
+    def fingerprint(self, secrets: Mapping[str, str], *, bound_to: str) -> str:
+        """A short tag that changes when the secrets change and reveals nothing about them.
+
+        An HMAC under a key derived from the encrypting key, so that no one without the keys can
+        test guesses (a weak SMTP password) against it; ``wordclaw keys rotate`` recomputes it.
+        """
+        digest = hmac.new(
+            self._fingerprint_key, f"{bound_to}\n{json.dumps(dict(secrets), sort_keys=True)}".encode(), "sha256"
+        )
+        return "hmac-sha256:" + digest.hexdigest()[:12]
 
     def reseal(self, ciphertext: bytes, *, bound_to: str) -> bytes:
         """``ciphertext`` sealed again under the first key and bound to its row (``wordclaw keys rotate``)."""

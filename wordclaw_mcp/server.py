@@ -17,19 +17,24 @@ from mcp.server.mcpserver.exceptions import ResourceError, ToolError
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field, ValidationError
 
-from . import errors
+from . import access, errors
+from .bearer import AGENT_STATE
 from .config import Settings
 from .database import CONNECTION_ERRORS
 from .errors import DatabaseUnavailable, DistributionError
+from .keys import verify_stored_secrets
 from .models import (
+    Agent,
     ContentItem,
     CreateDistributionPlanInput,
+    MyEntitlements,
     Plan,
     PlanRef,
     ReceiptList,
     RegisterTargetInput,
     RetryPlanInput,
     RotateTargetSecretInput,
+    Scope,
     SecretRotation,
     Target,
     TargetList,
@@ -47,6 +52,10 @@ WordClaw Distribution publishes a content item once and fans it out to many chan
 3. create_distribution_plan queues one job per target. Set awaitDelivery to wait up to 10 s
    for the outcome, or dryRun to preview each target's payload without sending anything.
 4. get_plan, get_receipts and cancel_plan follow up; retry_plan drives failed jobs again.
+You act as one agent of one tenant (get_my_entitlements says which, with your scopes and grants):
+you see only your tenant's items, targets and plans, and may distribute the items you created;
+other items need an entitlement. A plan for the same item and target within 5 minutes fails with
+DUPLICATE_DISTRIBUTION_PLAN unless allowDuplicate is set; give an idempotencyKey to retry safely.
 Errors come back as {"error": {"code", "message", "remediation"}}; the code is stable.
 """
 
@@ -125,6 +134,7 @@ class ToolSpec:
     name: str
     input_model: type[BaseModel] | None
     output_model: type[BaseModel]
+    scope: Scope
     description: str
     read_only: bool = False
 
@@ -134,21 +144,31 @@ TOOLS: tuple[ToolSpec, ...] = (
         "upsert_content_item",
         UpsertContentItemInput,
         ContentItem,
+        "content:write",
         "Create a content item (omit id) or update one (give its id). Returns the item with its id and version.",
     ),
     ToolSpec(
         "register_target",
         RegisterTargetInput,
         Target,
+        "targets:admin",
         "Register a destination. Secrets are stored encrypted and never returned. "
         'A webhook takes config {"url": ...} and optional secrets {"signingSecret": "whsec_..."}; without one, '
         "a signing secret is generated and returned once in generatedSecrets.",
     ),
-    ToolSpec("list_targets", None, TargetList, "List every registered target, without secrets.", read_only=True),
+    ToolSpec(
+        "list_targets",
+        None,
+        TargetList,
+        "distribution:read",
+        "List your tenant's targets, without secrets (secretFingerprint tells secrets apart).",
+        read_only=True,
+    ),
     ToolSpec(
         "rotate_target_secret",
         RotateTargetSecretInput,
         SecretRotation,
+        "targets:admin",
         "Give a target a new secret (a webhook's signingSecret), shown once. For graceHours (default 24) "
         "deliveries carry signatures with both the new and the old secret, so the receiver can switch over.",
     ),
@@ -156,26 +176,62 @@ TOOLS: tuple[ToolSpec, ...] = (
         "create_distribution_plan",
         CreateDistributionPlanInput,
         Plan,
-        "Queue one delivery job per target for a content item. awaitDelivery waits up to 10 s and returns "
-        "receipts; dryRun returns each target's payload and queues nothing.",
+        "distribution:write",
+        "Queue one delivery job per target for a content item, once every target passes the entitlement check "
+        "(any denial queues nothing). awaitDelivery waits up to 10 s and returns receipts; dryRun returns each "
+        "target's payload and entitlement decision and queues nothing. The same item and target again within 5 "
+        "minutes fails with DUPLICATE_DISTRIBUTION_PLAN unless allowDuplicate; an idempotencyKey makes the call "
+        "safe to repeat for 24 hours.",
     ),
-    ToolSpec("get_plan", PlanRef, Plan, "A plan's status and its jobs.", read_only=True),
+    ToolSpec("get_plan", PlanRef, Plan, "distribution:read", "A plan's status and its jobs.", read_only=True),
     ToolSpec(
         "cancel_plan",
         PlanRef,
         Plan,
+        "distribution:write",
         "Cancel a plan: queued jobs end cancelled at once. An attempt in flight finishes; it stays succeeded "
         "if it delivered, and otherwise ends cancelled, never retried.",
     ),
-    ToolSpec("get_receipts", PlanRef, ReceiptList, "Every attempt's receipt for a plan.", read_only=True),
+    ToolSpec(
+        "get_receipts", PlanRef, ReceiptList, "distribution:read", "Every attempt's receipt for a plan.", read_only=True
+    ),
     ToolSpec(
         "retry_plan",
         RetryPlanInput,
         Plan,
+        "distribution:write",
         "Drive a plan's failed jobs again (all of them, or jobIds), each with a fresh attempt budget. "
         "Earlier receipts are kept. Returns the plan.",
     ),
+    ToolSpec(
+        "get_my_entitlements",
+        None,
+        MyEntitlements,
+        "distribution:read",
+        "Who you are (agent, tenant, scopes) and the entitlements you hold over other agents' content items, "
+        "each with its status, channels, excerpt rules and remaining budget.",
+        read_only=True,
+    ),
 )
+
+
+async def caller(ctx: Context, service: DistributionService) -> Agent:
+    """The agent this call is made by.
+
+    Over HTTP, the one whose bearer key BearerAuth checked for this request; over stdio (and
+    in-process), the one WORDCLAW_AGENT_KEY names, or the local agent where that is allowed.
+    """
+    request = ctx.request_context.request
+    if request is not None:
+        agent = getattr(request.state, AGENT_STATE, None)
+        if agent is None:
+            raise access.invalid_key()
+        return agent
+    if service.settings.agent_key:
+        return await service.access.authenticate(service.settings.agent_key)
+    if service.settings.local_agent_allowed:
+        return access.LOCAL_AGENT
+    raise access.key_required()
 
 
 def add_model_tool(server: WordClawServer, spec: ToolSpec) -> None:
@@ -196,10 +252,13 @@ def add_model_tool(server: WordClawServer, spec: ToolSpec) -> None:
 
     async def tool(ctx: Context, **arguments: Any) -> BaseModel:
         service: DistributionService = ctx.request_context.lifespan_context
+        agent = await caller(ctx, service)
+        if not agent.may(spec.scope):
+            raise access.forbidden(agent, spec.scope, spec.name)
         method = getattr(service, spec.name)
         if spec.input_model is None:
-            return await method()
-        return await method(spec.input_model.model_validate(arguments))
+            return await method(agent=agent)
+        return await method(spec.input_model.model_validate(arguments), agent=agent)
 
     tool.__signature__ = inspect.Signature(parameters, return_annotation=spec.output_model)  # type: ignore[attr-defined]
     tool.__annotations__ = {p.name: p.annotation for p in parameters} | {"return": spec.output_model}
@@ -219,16 +278,20 @@ def build_server(settings: Settings | None = None) -> WordClawServer:
     @asynccontextmanager
     async def lifespan(server: WordClawServer) -> AsyncIterator[DistributionService]:
         async with Runtime.open(settings) as runtime:
+            # Stored secrets these keys cannot read fail the start, not a delivery later.
+            await verify_stored_secrets(runtime.pool, runtime.secrets)
             server.runtime = runtime
             service = DistributionService(runtime)
+            if settings.agent_key:
+                # A wrong or revoked key fails the start, not every call.
+                await service.access.authenticate(settings.agent_key)
             if not settings.worker_in_server:
                 yield service
                 return
             try:
                 worker = worker_component("daemon")(runtime)
-                await worker.check_secret_keys()
             except DistributionError as exc:
-                # The tools still work; delivery waits for a worker that holds the right key.
+                # The tools still work; delivery waits for a worker process.
                 log.error("not delivering from this process: %s: %s %s", exc.code, exc.message, exc.remediation)
                 yield service
                 return
@@ -252,7 +315,10 @@ def build_server(settings: Settings | None = None) -> WordClawServer:
     async def feed(target_id: str, ctx: Context) -> str:
         service: DistributionService = ctx.request_context.lifespan_context
         try:
-            return await service.read_feed(UUID(target_id))
+            agent = await caller(ctx, service)
+            if not agent.may("distribution:read"):
+                raise access.forbidden(agent, "distribution:read", "feed://")
+            return await service.read_feed(UUID(target_id), agent=agent)
         except ValueError:
             raise ResourceError(json.dumps({"error": errors.target_not_found(target_id).to_dict()})) from None
         except DistributionError as exc:

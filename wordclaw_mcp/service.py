@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid4
@@ -9,12 +12,17 @@ from uuid import UUID, uuid4
 import anyio
 from pydantic import BaseModel, ValidationError
 
-from . import errors, queries, text
+from . import access, errors, queries, text
+from .access import LOCAL_AGENT, AccessService
 from .models import (
     FINAL_PLAN_STATUSES,
+    Agent,
     ContentItem,
     CreateDistributionPlanInput,
+    Decision,
+    Entitlement,
     Job,
+    MyEntitlements,
     Plan,
     PlanRef,
     Preview,
@@ -44,10 +52,11 @@ class DistributionService:
         self.settings = runtime.settings
         self.pool = runtime.pool
         self.adapters = runtime.adapters
+        self.access = AccessService(runtime.pool)
 
     # --- content -------------------------------------------------------------------------------
 
-    async def upsert_content_item(self, item: UpsertContentItemInput) -> ContentItem:
+    async def upsert_content_item(self, item: UpsertContentItemInput, *, agent: Agent = LOCAL_AGENT) -> ContentItem:
         values = (
             item.title,
             text.html_to_markdown(item.body) if item.body_format == "html" else item.body,
@@ -56,22 +65,22 @@ class DistributionService:
             item.metadata,
         )
         if item.id is None:
-            row = await self.pool.fetchrow(queries.INSERT_CONTENT_ITEM, *values)
+            row = await self.pool.fetchrow(queries.INSERT_CONTENT_ITEM, *values, agent.tenant_id, agent.id)
         else:
-            row = await self.pool.fetchrow(queries.UPDATE_CONTENT_ITEM, item.id, *values)
+            row = await self.pool.fetchrow(queries.UPDATE_CONTENT_ITEM, item.id, *values, agent.tenant_id)
             if row is None:
                 raise errors.content_item_not_found(item.id)
         return ContentItem.model_validate(dict(row))
 
-    async def _content_item(self, content_item_id: UUID) -> ContentItem:
-        row = await self.pool.fetchrow(queries.GET_CONTENT_ITEM, content_item_id)
+    async def _content_item(self, content_item_id: UUID, agent: Agent) -> ContentItem:
+        row = await self.pool.fetchrow(queries.GET_CONTENT_ITEM, content_item_id, agent.tenant_id)
         if row is None:
             raise errors.content_item_not_found(content_item_id)
         return ContentItem.model_validate(dict(row))
 
     # --- targets -------------------------------------------------------------------------------
 
-    async def register_target(self, request: RegisterTargetInput) -> Target:
+    async def register_target(self, request: RegisterTargetInput, *, agent: Agent = LOCAL_AGENT) -> Target:
         adapter = self.adapters.get(request.channel_type)
         config = _validate_part(adapter.config_model, request.config, "config", "INVALID_TARGET_CONFIG")
         secrets: dict[str, str] = {}
@@ -95,19 +104,22 @@ class DistributionService:
         sealed = adapter.seal_config(config.model_dump(mode="json", by_alias=True, exclude_unset=True))
         secrets = {**secrets, **sealed.secrets}
         target_id = uuid4()  # chosen here: the secrets are sealed for this row before it exists
+        binding = target_binding(target_id)
         row = await self.pool.fetchrow(
             queries.INSERT_TARGET,
             target_id,
             request.name,
             request.channel_type,
             sealed.config,
-            self.runtime.secrets.encrypt(secrets, bound_to=target_binding(target_id)) if secrets else None,
+            self.runtime.secrets.encrypt(secrets, bound_to=binding) if secrets else None,
             request.max_concurrency or adapter.default_max_concurrency,
             request.rate_per_minute or adapter.default_rate_per_minute,
             # Only the fields given, so that a plan's policy can win over them one by one.
             request.transform_policy.model_dump(mode="json", by_alias=True, exclude_unset=True)
             if request.transform_policy
             else None,
+            agent.tenant_id,
+            self.runtime.secrets.fingerprint(secrets, bound_to=binding) if secrets else None,
         )
         if row is None:
             raise errors.DistributionError(
@@ -144,9 +156,11 @@ class DistributionService:
                 "includeCanonicalUrl from the policy.",
             ) from None
 
-    async def rotate_target_secret(self, request: RotateTargetSecretInput) -> SecretRotation:
+    async def rotate_target_secret(
+        self, request: RotateTargetSecretInput, *, agent: Agent = LOCAL_AGENT
+    ) -> SecretRotation:
         """A new secret for a target, shown once; the old one stays valid for the grace period."""
-        row = await self.pool.fetchrow(queries.GET_TARGET_SECRETS, request.target_id)
+        row = await self.pool.fetchrow(queries.GET_TARGET_SECRETS, request.target_id, agent.tenant_id)
         if row is None:
             raise errors.target_not_found(request.target_id)
         adapter = self.adapters.get(row["channel_type"])
@@ -157,14 +171,17 @@ class DistributionService:
         until = datetime.now(UTC) + timedelta(hours=request.grace_hours) if request.grace_hours else None
         stored, shown = adapter.rotate_secrets(current, until)
         await self.pool.execute(
-            queries.UPDATE_TARGET_SECRETS, request.target_id, self.runtime.secrets.encrypt(stored, bound_to=binding)
+            queries.UPDATE_TARGET_SECRETS,
+            request.target_id,
+            self.runtime.secrets.encrypt(stored, bound_to=binding),
+            self.runtime.secrets.fingerprint(stored, bound_to=binding),
         )
         kept = until if until and any(key not in shown for key in stored if key.startswith("previous")) else None
         return SecretRotation(target_id=request.target_id, secrets=shown, previous_valid_until=kept)
 
-    async def read_feed(self, target_id: UUID) -> str:
+    async def read_feed(self, target_id: UUID, *, agent: Agent = LOCAL_AGENT) -> str:
         """A feed target's current feed (the MCP resource ``feed://{targetId}``)."""
-        row = await self.pool.fetchrow(queries.GET_FEED_TARGET, target_id)
+        row = await self.pool.fetchrow(queries.GET_FEED_TARGET, target_id, agent.tenant_id)
         if row is None:
             raise errors.target_not_found(target_id)
         published = await self.adapters.get(row["channel_type"]).read(target_id, row["config"])
@@ -176,8 +193,8 @@ class DistributionService:
             )
         return published
 
-    async def list_targets(self) -> TargetList:
-        rows = await self.pool.fetch(queries.LIST_TARGETS)
+    async def list_targets(self, *, agent: Agent = LOCAL_AGENT) -> TargetList:
+        rows = await self.pool.fetch(queries.LIST_TARGETS, agent.tenant_id)
         targets = [Target.model_validate(dict(row)) for row in rows]
         for target in targets:
             # Rows stored before configs were sealed may still hold a token; never show it.
@@ -185,8 +202,8 @@ class DistributionService:
                 target.config = self.adapters.get(target.channel_type).seal_config(target.config).config
         return TargetList(targets=targets)
 
-    async def _targets(self, target_ids: list[UUID]) -> list[Target]:
-        rows = await self.pool.fetch(queries.GET_TARGETS, target_ids)
+    async def _targets(self, target_ids: list[UUID], agent: Agent) -> list[Target]:
+        rows = await self.pool.fetch(queries.GET_TARGETS, target_ids, agent.tenant_id)
         found = {row["id"]: Target.model_validate(dict(row)) for row in rows}
         missing = [target_id for target_id in target_ids if target_id not in found]
         if missing:
@@ -206,16 +223,24 @@ class DistributionService:
     # --- plans ---------------------------------------------------------------------------------
 
     async def create_distribution_plan(
-        self, request: CreateDistributionPlanInput, *, agent_id: str | None = None
+        self, request: CreateDistributionPlanInput, *, agent: Agent = LOCAL_AGENT
     ) -> Plan:
-        agent_id = agent_id or self.settings.agent_id
         policy = request.transform_policy or TransformPolicy()
-        content = await self._content_item(request.content_item_id)
-        targets = await self._targets(request.target_ids)
-        policies = [
-            self.adapters.get(target.channel_type).policy_for(target.config, policy.over(target.transform_policy))
-            for target in targets
-        ]
+        content = await self._content_item(request.content_item_id, agent)
+        targets = await self._targets(request.target_ids, agent)
+        grants = [] if content.created_by_agent_id == agent.id else await self.access.grants_for(agent, content.id)
+        verdicts, policies = [], []
+        for target in targets:
+            merged = policy.over(target.transform_policy)
+            verdict = access.decide(agent, content, target.channel_type, merged, grants)
+            verdicts.append(verdict)
+            adapter = self.adapters.get(target.channel_type)
+            policies.append(adapter.policy_for(target.config, access.entitled_policy(merged, verdict.grant)))
+        denied = [(target, verdict) for target, verdict in zip(targets, verdicts, strict=True) if not verdict.allowed]
+        if denied and not request.dry_run:
+            await self._log_decisions(agent, content, targets, verdicts, "plan")
+            raise _denial(denied)
+
         # A transform depends on the channel, the item and the policy, not on the target: each
         # is made once, however many targets of one channel and policy the plan names.
         made: dict[tuple[str, str], dict[str, Any]] = {}
@@ -236,35 +261,102 @@ class DistributionService:
             payloads.append(made[key])
 
         if request.dry_run:
+            await self._log_decisions(agent, content, targets, verdicts, "dry_run")
             return Plan(
                 id=None,
                 content_item_id=content.id,
                 content_version=content.version,
                 status="dry_run",
                 previews=[
-                    self._preview(target, payload, content, effective)
-                    for target, payload, effective in zip(targets, payloads, policies, strict=True)
+                    self._preview(target, payload, content, effective, verdict.decision)
+                    for target, payload, effective, verdict in zip(targets, payloads, policies, verdicts, strict=True)
                 ],
             )
-
-        options = {"transformPolicy": policy.model_dump(mode="json", by_alias=True)}
-        row = await self.pool.fetchrow(
-            queries.CREATE_PLAN,
-            content.id,
-            content.version,
-            agent_id,
-            options,
-            self.settings.max_attempts,
-            [target.id for target in targets],
-            payloads,
-            1 if request.await_delivery else 0,  # someone waits: ahead of the backlog
-        )
+        plan_id = await self._queue_plan(request, agent, content, targets, payloads, verdicts)
         if request.await_delivery:
-            return await self.await_plan(row["id"], AWAIT_DELIVERY_SECONDS)
-        return Plan.model_validate(dict(row))
+            return await self.await_plan(plan_id, AWAIT_DELIVERY_SECONDS, agent=agent)
+        return await self._plan(plan_id, agent)
+
+    async def _queue_plan(
+        self,
+        request: CreateDistributionPlanInput,
+        agent: Agent,
+        content: ContentItem,
+        targets: list[Target],
+        payloads: list[dict[str, Any]],
+        verdicts: list[access.Verdict],
+    ) -> UUID:
+        """Queue the plan in one transaction, under the locks of the duplicate and idempotency
+        rules (LOCK_PLAN_KEYS): the same item and target, or the same key, are planned one at a time."""
+        options = {
+            "transformPolicy": (request.transform_policy or TransformPolicy()).model_dump(mode="json", by_alias=True),
+            "allowDuplicate": request.allow_duplicate,
+        }
+        digest = request_digest(request)
+        spend = Counter(verdict.grant.id for verdict in verdicts if verdict.grant is not None)
+        target_ids = [target.id for target in targets]
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.fetchval(
+                queries.LOCK_PLAN_KEYS, agent.tenant_id, content.id, target_ids, agent.id, request.idempotency_key
+            )
+            if request.idempotency_key is not None:
+                earlier = await conn.fetchrow(queries.FIND_IDEMPOTENT_PLAN, agent.id, request.idempotency_key)
+                if earlier is not None:
+                    if earlier["request_digest"] != digest:
+                        raise _key_reused(request.idempotency_key, earlier["id"])
+                    return earlier["id"]
+            if spend:
+                spent = {
+                    row["id"] for row in await conn.fetch(queries.SPEND_ENTITLEMENTS, list(spend), list(spend.values()))
+                }
+                if unspent := [grant_id for grant_id in spend if grant_id not in spent]:
+                    failed = Entitlement.model_validate(
+                        dict(await conn.fetchrow(queries.GET_ENTITLEMENTS, unspent[:1]))
+                    )
+                    raise access.spend_failure(failed, content)
+            row = await conn.fetchrow(
+                queries.CREATE_PLAN,
+                content.id,
+                content.version,
+                agent.id,
+                options,
+                self.settings.max_attempts,
+                target_ids,
+                payloads,
+                1 if request.await_delivery else 0,  # someone waits: ahead of the backlog
+                request.allow_duplicate,
+                agent.tenant_id,
+                request.idempotency_key,
+                digest if request.idempotency_key is not None else None,
+                [verdict.grant.id if verdict.grant else None for verdict in verdicts],
+                [target.channel_type for target in targets],
+                [verdict.decision.code for verdict in verdicts],
+            )
+            if row["id"] is None:
+                raise _duplicate(content.id, row["duplicates"])
+        return row["id"]
+
+    async def _log_decisions(
+        self, agent: Agent, content: ContentItem, targets: list[Target], verdicts: list[access.Verdict], stage: str
+    ) -> None:
+        await self.pool.execute(
+            queries.LOG_DECISIONS,
+            agent.tenant_id,
+            agent.id,
+            content.id,
+            stage,
+            [target.id for target in targets],
+            [target.channel_type for target in targets],
+            [verdict.decision.outcome for verdict in verdicts],
+            [verdict.decision.code for verdict in verdicts],
+            [verdict.decision.entitlement_id for verdict in verdicts],
+        )
+
+    async def get_my_entitlements(self, *, agent: Agent = LOCAL_AGENT) -> MyEntitlements:
+        return MyEntitlements(agent=agent, entitlements=await self.access.list_entitlements(agent.id))
 
     def _preview(
-        self, target: Target, payload: dict[str, Any], content: ContentItem, policy: TransformPolicy
+        self, target: Target, payload: dict[str, Any], content: ContentItem, policy: TransformPolicy, decision: Decision
     ) -> Preview:
         fit = self.adapters.get(target.channel_type).fit(content, policy)
         measured = {} if fit is None else {"length": fit.length, "limit": fit.limit, "truncated": fit.truncated}
@@ -273,26 +365,27 @@ class DistributionService:
             channel_type=target.channel_type,
             payload=payload,
             cut_at=fit.cut_at if fit else None,
+            decision=decision,
             **measured,
         )
 
-    async def get_plan(self, ref: PlanRef) -> Plan:
-        return await self._plan(ref.plan_id)
+    async def get_plan(self, ref: PlanRef, *, agent: Agent = LOCAL_AGENT) -> Plan:
+        return await self._plan(ref.plan_id, agent)
 
-    async def cancel_plan(self, ref: PlanRef) -> Plan:
-        await self._require_plan(ref.plan_id)
+    async def cancel_plan(self, ref: PlanRef, *, agent: Agent = LOCAL_AGENT) -> Plan:
+        await self._require_plan(ref.plan_id, agent)
         await self.pool.execute(queries.CANCEL_PLAN, ref.plan_id)
-        return await self._plan(ref.plan_id)
+        return await self._plan(ref.plan_id, agent)
 
-    async def retry_plan(self, request: RetryPlanInput) -> Plan:
+    async def retry_plan(self, request: RetryPlanInput, *, agent: Agent = LOCAL_AGENT) -> Plan:
         """Drive a plan's failed jobs (all, or those listed) again, each with a fresh attempt budget."""
-        await self._require_plan(request.plan_id)
+        await self._require_plan(request.plan_id, agent)
         if request.job_ids is not None:
             await self._check_retryable(request.plan_id, request.job_ids)
             await self.redrive(job_ids=request.job_ids)
         else:
             await self.redrive(plan_id=request.plan_id)
-        return await self._plan(request.plan_id)
+        return await self._plan(request.plan_id, agent)
 
     async def redrive(
         self, *, job_ids: list[UUID] | None = None, plan_id: UUID | None = None, target_id: UUID | None = None
@@ -337,11 +430,11 @@ class DistributionService:
                 inactiveJobIds=inactive,
             )
 
-    async def get_receipts(self, ref: PlanRef) -> ReceiptList:
-        await self._require_plan(ref.plan_id)
+    async def get_receipts(self, ref: PlanRef, *, agent: Agent = LOCAL_AGENT) -> ReceiptList:
+        await self._require_plan(ref.plan_id, agent)
         return ReceiptList(plan_id=ref.plan_id, receipts=await self._receipts(ref.plan_id))
 
-    async def await_plan(self, plan_id: UUID, wait_seconds: float) -> Plan:
+    async def await_plan(self, plan_id: UUID, wait_seconds: float, *, agent: Agent = LOCAL_AGENT) -> Plan:
         """The plan once every job is final, or as it stands after ``wait_seconds``."""
         woken = anyio.Event()
         key = str(plan_id)
@@ -352,22 +445,24 @@ class DistributionService:
 
         with self.runtime.notifications.subscribe(PLANS_CHANNEL, on_change), anyio.move_on_after(wait_seconds):
             # Subscribed before the first read, so a change between read and wait still wakes us.
-            while await self.pool.fetchval(queries.GET_PLAN_STATUS, plan_id) not in FINAL_PLAN_STATUSES:
+            while (
+                await self.pool.fetchval(queries.GET_PLAN_STATUS, plan_id, agent.tenant_id) not in FINAL_PLAN_STATUSES
+            ):
                 await self.runtime.notifications.ensure()
                 with anyio.move_on_after(AWAIT_POLL_SECONDS):
                     await woken.wait()
                 woken = anyio.Event()
-        plan = await self._plan(plan_id)
+        plan = await self._plan(plan_id, agent)
         plan.receipts = await self._receipts(plan_id)
         plan.await_timed_out = plan.status not in FINAL_PLAN_STATUSES
         return plan
 
-    async def _require_plan(self, plan_id: UUID) -> None:
-        if await self.pool.fetchval(queries.GET_PLAN_STATUS, plan_id) is None:
+    async def _require_plan(self, plan_id: UUID, agent: Agent) -> None:
+        if await self.pool.fetchval(queries.GET_PLAN_STATUS, plan_id, agent.tenant_id) is None:
             raise errors.plan_not_found(plan_id)
 
-    async def _plan(self, plan_id: UUID) -> Plan:
-        row = await self.pool.fetchrow(queries.GET_PLAN, plan_id)
+    async def _plan(self, plan_id: UUID, agent: Agent) -> Plan:
+        row = await self.pool.fetchrow(queries.GET_PLAN, plan_id, agent.tenant_id)
         if row is None:
             raise errors.plan_not_found(plan_id)
         jobs = await self.pool.fetch(queries.GET_PLAN_JOBS, plan_id)
@@ -387,3 +482,51 @@ def _validate_part(model: type[BaseModel], value: dict[str, Any], name: str, cod
             f"The target's {name} is not valid: {errors.describe_validation(exc.errors(), name)}.",
             f"Correct {name} and call register_target again.",
         ) from exc
+
+
+def request_digest(request: CreateDistributionPlanInput) -> str:
+    """What an idempotency key is bound to: the arguments that shape the plan (not how long the
+    caller waits for it)."""
+    shaping = request.model_dump(
+        mode="json",
+        by_alias=True,
+        exclude_unset=True,
+        include={"content_item_id", "target_ids", "transform_policy", "allow_duplicate"},
+    )
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
+
+
+def _denial(denied: list[tuple[Target, access.Verdict]]) -> errors.DistributionError:
+    """The first denial, naming every target that was denied and why."""
+    error = denied[0][1].error
+    assert error is not None
+    error.details["targetId"] = str(denied[0][0].id)
+    error.details["deniedTargets"] = [
+        {"targetId": str(target.id), "channelType": target.channel_type, "code": verdict.decision.code}
+        for target, verdict in denied
+    ]
+    return error
+
+
+def _duplicate(content_item_id: UUID, duplicates: list[dict[str, Any]]) -> errors.DistributionError:
+    first = duplicates[0]
+    targets = sorted({target for duplicate in duplicates for target in duplicate["targetIds"]})
+    return errors.DistributionError(
+        "DUPLICATE_DISTRIBUTION_PLAN",
+        f"Plan {first['planId']} already distributes content item {content_item_id} to target(s) "
+        f"{', '.join(targets)}, and was made less than 5 minutes ago.",
+        "Follow that plan with get_plan (retry_plan drives its failed jobs again), leave those targets out, "
+        "or set allowDuplicate: true to distribute again on purpose.",
+        existingPlanId=first["planId"],
+        duplicatePlans=duplicates,
+        targetIds=targets,
+    )
+
+
+def _key_reused(key: str, plan_id: UUID) -> errors.DistributionError:
+    return errors.DistributionError(
+        "IDEMPOTENCY_KEY_REUSED",
+        f"The idempotency key {key!r} was used in the last 24 hours for plan {plan_id}, with other arguments.",
+        "Repeat the call with exactly its first arguments to get that plan back, or use a new key for a new plan.",
+        existingPlanId=str(plan_id),
+    )

@@ -1,0 +1,78 @@
+"""API keys over HTTP: every request to the streamable HTTP transport carries
+``Authorization: Bearer wck_…``; a missing, wrong or revoked key is answered 401 before the MCP
+layer sees the request. The agent the key belongs to rides in the request's state, where the
+tools find it (server.caller)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .access import AccessService, invalid_key
+from .config import Settings
+from .database import CONNECTION_ERRORS, create_pool_for, resolve_url
+from .errors import DatabaseUnavailable, DistributionError
+
+AGENT_STATE = "wordclaw_agent"
+
+Scope = dict[str, Any]
+
+
+class BearerAuth:
+    """ASGI middleware: authenticate each HTTP request by its bearer key."""
+
+    def __init__(self, app: Any, access: AccessService) -> None:
+        self.app = app
+        self.access = access
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        try:
+            agent = await self.access.authenticate(_bearer_key(scope))
+        except DistributionError as exc:
+            await _answer(send, 401, exc)
+            return
+        except CONNECTION_ERRORS as exc:
+            await _answer(send, 503, DatabaseUnavailable(f"authenticating the request failed ({type(exc).__name__})"))
+            return
+        scope.setdefault("state", {})[AGENT_STATE] = agent
+        await self.app(scope, receive, send)
+
+
+def _bearer_key(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            scheme, _, key = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and key.strip():
+                return key.strip()
+    error = invalid_key()
+    error.message = "The request has no `Authorization: Bearer wck_…` header."
+    raise error
+
+
+async def _answer(send: Any, status: int, error: DistributionError) -> None:
+    body = json.dumps({"error": error.to_dict()}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status == 401:
+        headers.append((b"www-authenticate", b'Bearer realm="wordclaw"'))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def serve_http(server: Any, settings: Settings, *, host: str, port: int, ready: Any = None) -> None:
+    """Serve ``server`` over streamable HTTP on host:port, every request authenticated."""
+    import uvicorn
+
+    url = await resolve_url(settings)
+    pool = await create_pool_for(settings, url, max_size=2)
+    try:
+        app = BearerAuth(server.streamable_http_app(host=host), AccessService(pool))
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
+        http = uvicorn.Server(config)
+        if ready is not None:
+            ready(http)
+        await http.serve()
+    finally:
+        await pool.close()
