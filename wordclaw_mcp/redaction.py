@@ -2,13 +2,15 @@
 
 A secret rarely comes back whole. A server that rejects a signature may quote the key's base64
 without its ``whsec_`` prefix, an error may quote a URL's token without the rest of the URL, and
-either may arrive percent-encoded. So scrubbing replaces every meaningful fragment of a secret,
-not only the exact string.
+either may arrive percent-encoded or JSON-escaped (PHP writes ``/`` as ``\\/``). A stored response
+body is cut at a limit, which may fall inside an echoed secret. So scrubbing replaces every
+meaningful fragment of a secret, in each of those forms, and the opening of one that a text ends with.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -89,6 +91,8 @@ def fragments(secret: str) -> set[str]:
     forms = set(plain)
     for part in plain:
         forms |= {quote(part, safe=""), quote(part), quote_plus(part, safe=""), quote_plus(part)}
+        escaped = json.dumps(part)[1:-1]
+        forms |= {escaped, escaped.replace("/", "\\/"), json.dumps(part, ensure_ascii=False)[1:-1]}
     return {form for form in forms if form == secret or len(form) >= MIN_FRAGMENT}
 
 
@@ -108,11 +112,28 @@ def _needles(secrets: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(sorted(needles, key=len, reverse=True))
 
 
+def _cut_tail(text: str, needles: tuple[str, ...]) -> str:
+    """``text`` without the opening of a secret it ends with: what a cut-off body keeps of one."""
+    for needle in needles:
+        if _is_url(needle):
+            continue  # a URL's opening is its public part; its secret parts are needles of their own
+        # Every start from which the rest of the text is a proper opening of the needle, longest first.
+        for start in range(max(0, len(text) - len(needle) + 1), len(text) - MIN_FRAGMENT + 1):
+            if needle.startswith(text[start:]):
+                return text[:start] + REDACTED
+    return text
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_url(needle: str) -> bool:
+    return unquote_plus(needle).lower().startswith(("http://", "https://"))
+
+
 def _replace(value: Any, needles: tuple[str, ...]) -> Any:
     if isinstance(value, str):
         for needle in needles:
             value = value.replace(needle, REDACTED)
-        return value
+        return _cut_tail(value, needles)
     if isinstance(value, Mapping):
         return {key: _replace(item, needles) for key, item in value.items()}
     if isinstance(value, list):
