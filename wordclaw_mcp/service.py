@@ -5,11 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid4
 
 import anyio
+import asyncpg
 from pydantic import BaseModel, ValidationError
 
 from . import access, errors, queries, text
@@ -272,10 +275,10 @@ class DistributionService:
                     for target, payload, effective, verdict in zip(targets, payloads, policies, verdicts, strict=True)
                 ],
             )
-        plan_id = await self._queue_plan(request, agent, content, targets, payloads, verdicts)
+        plan = await self._queue_plan(request, agent, content, targets, payloads, verdicts)
         if request.await_delivery:
-            return await self.await_plan(plan_id, AWAIT_DELIVERY_SECONDS, agent=agent)
-        return await self._plan(plan_id, agent)
+            return await self.await_plan(plan.id, AWAIT_DELIVERY_SECONDS, agent=agent)
+        return plan
 
     async def _queue_plan(
         self,
@@ -285,56 +288,57 @@ class DistributionService:
         targets: list[Target],
         payloads: list[dict[str, Any]],
         verdicts: list[access.Verdict],
-    ) -> UUID:
+    ) -> Plan:
         """Queue the plan in one transaction, under the locks of the duplicate and idempotency
-        rules (LOCK_PLAN_KEYS): the same item and target, or the same key, are planned one at a time."""
-        options = {
-            "transformPolicy": (request.transform_policy or TransformPolicy()).model_dump(mode="json", by_alias=True),
-            "allowDuplicate": request.allow_duplicate,
-        }
-        digest = request_digest(request)
+        rules (LOCK_PLAN_KEYS): the same item and target, or the same key, are planned one at a time.
+
+        A plan with neither rule to keep (allowDuplicate and no key) and no grant to spend is one
+        statement, with no transaction around it.
+        """
+        key = request.idempotency_key
         spend = Counter(verdict.grant.id for verdict in verdicts if verdict.grant is not None)
         target_ids = [target.id for target in targets]
-        async with self.pool.acquire() as conn, conn.transaction():
-            await conn.fetchval(
-                queries.LOCK_PLAN_KEYS, agent.tenant_id, content.id, target_ids, agent.id, request.idempotency_key
-            )
-            if request.idempotency_key is not None:
-                earlier = await conn.fetchrow(queries.FIND_IDEMPOTENT_PLAN, agent.id, request.idempotency_key)
+        locked = not request.allow_duplicate or key is not None
+        async with self.pool.acquire() as conn, _transaction(conn, locked or bool(spend)):
+            if locked:
+                await conn.fetchval(queries.LOCK_PLAN_KEYS, agent.tenant_id, content.id, target_ids, agent.id, key)
+            if key is not None:
+                earlier = await conn.fetchrow(queries.FIND_IDEMPOTENT_PLAN, agent.id, key)
                 if earlier is not None:
-                    if earlier["request_digest"] != digest:
-                        raise _key_reused(request.idempotency_key, earlier["id"])
-                    return earlier["id"]
+                    if earlier["request_digest"] != request_digest(request):
+                        raise _key_reused(key, earlier["id"])
+                    return await self._plan(earlier["id"], agent)
             if spend:
-                spent = {
-                    row["id"] for row in await conn.fetch(queries.SPEND_ENTITLEMENTS, list(spend), list(spend.values()))
-                }
-                if unspent := [grant_id for grant_id in spend if grant_id not in spent]:
-                    failed = Entitlement.model_validate(
-                        dict(await conn.fetchrow(queries.GET_ENTITLEMENTS, unspent[:1]))
-                    )
-                    raise access.spend_failure(failed, content)
+                spent = await conn.fetch(queries.SPEND_ENTITLEMENTS, list(spend), list(spend.values()))
+                if unspent := sorted(set(spend) - {row["id"] for row in spent}):
+                    failed = await conn.fetchrow(queries.GET_ENTITLEMENTS, unspent[:1])
+                    raise access.spend_failure(Entitlement.model_validate(dict(failed)), content)
             row = await conn.fetchrow(
                 queries.CREATE_PLAN,
                 content.id,
                 content.version,
                 agent.id,
-                options,
+                {
+                    "transformPolicy": (request.transform_policy or TransformPolicy()).model_dump(
+                        mode="json", by_alias=True
+                    ),
+                    "allowDuplicate": request.allow_duplicate,
+                },
                 self.settings.max_attempts,
                 target_ids,
                 payloads,
                 1 if request.await_delivery else 0,  # someone waits: ahead of the backlog
                 request.allow_duplicate,
                 agent.tenant_id,
-                request.idempotency_key,
-                digest if request.idempotency_key is not None else None,
+                key,
+                request_digest(request) if key is not None else None,
                 [verdict.grant.id if verdict.grant else None for verdict in verdicts],
                 [target.channel_type for target in targets],
                 [verdict.decision.code for verdict in verdicts],
             )
             if row["id"] is None:
                 raise _duplicate(content.id, row["duplicates"])
-        return row["id"]
+        return Plan.model_validate({column: value for column, value in row.items() if column != "duplicates"})
 
     async def _log_decisions(
         self, agent: Agent, content: ContentItem, targets: list[Target], verdicts: list[access.Verdict], stage: str
@@ -482,6 +486,16 @@ def _validate_part(model: type[BaseModel], value: dict[str, Any], name: str, cod
             f"The target's {name} is not valid: {errors.describe_validation(exc.errors(), name)}.",
             f"Correct {name} and call register_target again.",
         ) from exc
+
+
+@asynccontextmanager
+async def _transaction(conn: asyncpg.Connection, needed: bool) -> AsyncIterator[None]:
+    """A transaction on ``conn`` when ``needed``; otherwise each statement commits on its own."""
+    if not needed:
+        yield
+        return
+    async with conn.transaction():
+        yield
 
 
 def request_digest(request: CreateDistributionPlanInput) -> str:
