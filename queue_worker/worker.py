@@ -376,10 +376,24 @@ class Worker:
         jobs = [ClaimedJob.from_row(row) for row in rows]
         self._held.update((job.id, job.attempt) for job in jobs)
         if entitled := [job for job in jobs if job.entitlement_id is not None]:
+            await self._log_decisions(entitled)
+        return jobs
+
+    async def _log_decisions(self, entitled: list[ClaimedJob]) -> None:
+        """The at-delivery entitlement decisions of claimed jobs. A failure to write them is logged
+        and leaves the claim standing: the jobs are this worker's now, and must not wait for their
+        leases to run out because the log could not be written."""
+        try:
             await self.pool.execute(
                 queries.LOG_DELIVERY_DECISIONS, [job.id for job in entitled], [job.denied for job in entitled]
             )
-        return jobs
+        except Exception as exc:
+            log.warning(
+                "worker %s could not log the entitlement decisions of %d job(s) (%s)",
+                self.name,
+                len(entitled),
+                type(exc).__name__,
+            )
 
     async def rescue(self) -> int:
         """Requeue (or end) attempts whose lease ran out. Returns how many were rescued."""

@@ -15,7 +15,7 @@ from .errors import DatabaseUnavailable, DistributionError
 
 AGENT_STATE = "wordclaw_agent"
 
-Scope = dict[str, Any]
+AsgiScope = dict[str, Any]
 
 
 class BearerAuth:
@@ -25,7 +25,7 @@ class BearerAuth:
         self.app = app
         self.access = access
 
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: AsgiScope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -41,7 +41,7 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
-def _bearer_key(scope: Scope) -> str:
+def _bearer_key(scope: AsgiScope) -> str:
     for name, value in scope["headers"]:
         if name == b"authorization":
             scheme, _, key = value.decode("latin-1").partition(" ")

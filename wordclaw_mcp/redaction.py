@@ -114,6 +114,11 @@ def _needles(secrets: tuple[str, ...]) -> tuple[str, ...]:
 
 def _cut_tail(text: str, needles: tuple[str, ...]) -> str:
     """``text`` without the opening of a secret it ends with: what a cut-off body keeps of one."""
+    # A text that ends with at least MIN_FRAGMENT characters of a secret ends with one of the
+    # secret's MIN_FRAGMENT-long windows: one set look-up rules out nearly every text, which is
+    # all a delivery's results pay (scanning every needle cost 170 µs a delivery).
+    if len(text) < MIN_FRAGMENT or text[-MIN_FRAGMENT:] not in _windows(needles):
+        return text
     for needle in needles:
         if _is_url(needle):
             continue  # a URL's opening is its public part; its secret parts are needles of their own
@@ -122,6 +127,16 @@ def _cut_tail(text: str, needles: tuple[str, ...]) -> str:
             if needle.startswith(text[start:]):
                 return text[:start] + REDACTED
     return text
+
+
+@functools.lru_cache(maxsize=1024)
+def _windows(needles: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(
+        needle[start : start + MIN_FRAGMENT]
+        for needle in needles
+        if not _is_url(needle)
+        for start in range(len(needle) - MIN_FRAGMENT + 1)
+    )
 
 
 @functools.lru_cache(maxsize=4096)
