@@ -379,3 +379,21 @@ async def test_the_check_reads_every_stored_secret_in_batches(
     with pytest.raises(DistributionError) as refused:
         await verify_stored_secrets(runtime.pool, runtime.secrets, batch_size=2)
     assert refused.value.code == "SECRET_KEY_MISMATCH" and repr(last.name) in refused.value.message
+
+
+async def test_a_rotation_blocked_by_a_held_lock_is_one_coded_line(
+    settings: Settings,
+    service: DistributionService,
+    db: asyncpg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    target = await hook(service, "https://example.com/hook")
+    # Its lock timeout short, so the blocked batch gives up at once rather than after 10 s.
+    monkeypatch.setattr(cli.Settings, "from_env", classmethod(lambda cls: replace(settings, lock_timeout=0.2)))
+    async with db.transaction():
+        await db.execute("SELECT 1 FROM distribution_targets WHERE id = $1 FOR UPDATE", target.id)
+        assert await anyio.to_thread.run_sync(cli.main, ["keys", "rotate"]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("wordclaw: DATABASE_REFUSED: ") and "LockNotAvailableError" in line and "again" in line
+    assert await anyio.to_thread.run_sync(cli.main, ["keys", "rotate"]) == 0  # once the lock is gone

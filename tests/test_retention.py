@@ -30,7 +30,12 @@ from wordclaw_mcp.service import DistributionService
 
 pytestmark = pytest.mark.anyio
 
-RETENTION_VARIABLES = ("WORDCLAW_RETAIN_SUCCEEDED_DAYS", "WORDCLAW_RETAIN_FAILED_DAYS", "WORDCLAW_RETAIN_EVENTS_DAYS")
+RETENTION_VARIABLES = (
+    "WORDCLAW_RETAIN_SUCCEEDED_DAYS",
+    "WORDCLAW_RETAIN_FAILED_DAYS",
+    "WORDCLAW_RETAIN_EVENTS_DAYS",
+    "WORDCLAW_RETAIN_DECISIONS_DAYS",
+)
 
 
 @pytest.fixture
@@ -254,6 +259,26 @@ async def test_events_go_at_their_own_age(pool: asyncpg.Pool, conn: asyncpg.Conn
     assert set(await job_statuses(conn)) == {job}
 
 
+async def test_entitlement_decisions_go_at_their_own_age(
+    pool: asyncpg.Pool, conn: asyncpg.Connection, settings: Settings
+) -> None:
+    settings = replace(settings, retain_decisions_days=30)
+    insert = (
+        "INSERT INTO entitlement_decisions (tenant_id, agent_id, content_item_id, target_id, channel_type, stage, "
+        "outcome, code, created_at) SELECT 'default', gen_random_uuid(), gen_random_uuid(), gen_random_uuid(), "
+        "'webhook', 'plan', 'allow', 'OWNER', now() - make_interval(days => $1) FROM generate_series(1, $2) "
+        "RETURNING id"
+    )
+    old = [row["id"] for row in await conn.fetch(insert, 31, 3)]
+    young = [row["id"] for row in await conn.fetch(insert, 29, 2)]
+
+    report = await prune(pool, settings, batch_size=2)
+
+    assert report.decisions == 3
+    assert await existing(conn, "entitlement_decisions", old + young) == set(young)
+    assert (await prune(pool, replace(settings, retain_decisions_days=0))).decisions == 0  # 0: for ever
+
+
 # --- batches and locks ------------------------------------------------------------------------
 
 
@@ -271,7 +296,7 @@ async def test_each_statement_deletes_at_most_a_batch_and_pruning_goes_on_until_
     assert (report.succeeded_jobs, report.receipts, report.plans, report.events) == (5, 5, 1, 5)
     assert report.largest_batch == 2
     # Succeeded jobs 2 + 2 + 1, none cancelled, none failed, events 2 + 2 + 1.
-    assert report.batches == 3 + 1 + 1 + 3
+    assert report.batches == 3 + 1 + 1 + 3 + 1  # the last: no decision to prune
     for table in ("distribution_jobs", "distribution_receipts", "distribution_plans", "distribution_events"):
         assert await conn.fetchval(f"SELECT count(*) FROM {table}") == 0, table
 
@@ -320,8 +345,10 @@ async def test_the_pruning_statements_walk_indexes_not_tables(conn: asyncpg.Conn
     assert "distribution_jobs_finished" in jobs, jobs
     events = await plan_of(queries.PRUNE_EVENTS, 86400.0, 1000)
     assert "distribution_events_created" in events, events
+    decisions = await plan_of(queries.PRUNE_DECISIONS, 86400.0, 1000)
+    assert "entitlement_decisions_created" in decisions, decisions
     plans = await plan_of(queries.PRUNE_EMPTIED_PLANS, [uuid.uuid4()])
-    for plan in (jobs, events, plans):
+    for plan in (jobs, events, decisions, plans):
         assert "Seq Scan" not in plan, plan
 
 
@@ -333,9 +360,10 @@ def test_retention_settings_come_from_the_environment(monkeypatch: pytest.Monkey
         monkeypatch.delenv(variable, raising=False)
     defaults = Settings.from_env()
     assert (defaults.retain_succeeded_days, defaults.retain_failed_days, defaults.retain_events_days) == (14, 30, 14)
+    assert defaults.retain_decisions_days == 365
     assert defaults.retention_interval == 3600
 
-    for variable, value in zip(RETENTION_VARIABLES, ["7", "90.5", "0"], strict=True):
+    for variable, value in zip(RETENTION_VARIABLES, ["7", "90.5", "0", "730"], strict=True):
         monkeypatch.setenv(variable, value)
     configured = Settings.from_env()
     assert (configured.retain_succeeded_days, configured.retain_failed_days, configured.retain_events_days) == (
@@ -343,6 +371,7 @@ def test_retention_settings_come_from_the_environment(monkeypatch: pytest.Monkey
         90.5,
         0,
     )
+    assert configured.retain_decisions_days == 730
     monkeypatch.setenv("WORDCLAW_RETAIN_FAILED_DAYS", "-1")  # less than 0 disables too
     assert Settings.from_env().retain_failed_days == -1
 
@@ -400,8 +429,9 @@ async def test_wordclaw_retention_prune_prunes_and_prints_the_counts(
     assert code == 0, captured.err
     # Succeeded 1 + 0, cancelled 0, failed 1 + 0, events 0 (all are young).
     assert captured.out == (
-        "pruned 1 succeeded, 0 cancelled and 1 failed job(s) with 2 receipt(s), 2 plan(s) and 0 event(s) "
-        "in 6 batch(es)\n"
+        "pruned 1 succeeded, 0 cancelled and 1 failed job(s) with 2 receipt(s), 2 plan(s), 0 event(s) and "
+        "0 entitlement decision(s) "
+        "in 7 batch(es)\n"
     )
     assert set(await job_statuses(conn)) == {young}
     assert await existing(conn, "distribution_plans", [old_plan, old_failed_plan]) == set()

@@ -11,6 +11,7 @@ from dataclasses import replace
 from uuid import UUID
 
 import anyio
+import asyncpg
 
 from . import cli_access
 from .access import AccessService, key_required
@@ -35,6 +36,15 @@ def event_loop_options() -> dict[str, bool]:
     bookkeeping was a large share of each delivery's and each call's CPU time.
     """
     return {"use_uvloop": importlib.util.find_spec("uvloop") is not None}
+
+
+def database_refused(command: str, exc: asyncpg.PostgresError) -> DistributionError:
+    return DistributionError(
+        "DATABASE_REFUSED",
+        f"The database refused `wordclaw {command}` ({type(exc).__name__}, SQLSTATE {exc.sqlstate}).",
+        "Run it again: every command is safe to repeat. If it keeps failing, a long transaction may hold the "
+        "rows it needs (pg_stat_activity shows it).",
+    )
 
 
 def report_failure(prog: str, exc: DistributionError) -> int:
@@ -257,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except DistributionError as exc:
         return report_failure("wordclaw", exc)
+    except asyncpg.PostgresError as exc:
+        # A lock or statement timeout, say, in a long batch command: safe to run again.
+        return report_failure("wordclaw", database_refused(args.command, exc))
 
 
 if __name__ == "__main__":

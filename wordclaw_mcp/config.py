@@ -87,6 +87,8 @@ class Settings:
     retain_succeeded_days: float = 14.0
     retain_failed_days: float = 30.0
     retain_events_days: float = 14.0
+    # The entitlement decision log (who was allowed or denied what): kept longer, as an audit trail.
+    retain_decisions_days: float = 365.0
     # Seconds between a worker's pruning runs.
     retention_interval: float = 3600.0
 
@@ -110,6 +112,7 @@ class Settings:
             ("WORDCLAW_RETAIN_SUCCEEDED_DAYS", self.retain_succeeded_days),
             ("WORDCLAW_RETAIN_FAILED_DAYS", self.retain_failed_days),
             ("WORDCLAW_RETAIN_EVENTS_DAYS", self.retain_events_days),
+            ("WORDCLAW_RETAIN_DECISIONS_DAYS", self.retain_decisions_days),
         ):
             # Written so that NaN, which compares false with everything, is refused too.
             if not days <= MAX_RETAIN_DAYS:
@@ -151,6 +154,7 @@ class Settings:
             retain_succeeded_days=_float("WORDCLAW_RETAIN_SUCCEEDED_DAYS", 14.0),
             retain_failed_days=_float("WORDCLAW_RETAIN_FAILED_DAYS", 30.0),
             retain_events_days=_float("WORDCLAW_RETAIN_EVENTS_DAYS", 14.0),
+            retain_decisions_days=_float("WORDCLAW_RETAIN_DECISIONS_DAYS", 365.0),
         )
 
     @property

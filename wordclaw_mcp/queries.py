@@ -744,6 +744,23 @@ WITH deleted AS (
 SELECT count(*) FROM deleted
 """
 
+# Entitlement decisions older than the age ($1 seconds), oldest first, through
+# entitlement_decisions_created. Nothing else refers to them, so nothing else is locked or kept.
+PRUNE_DECISIONS = """
+WITH deleted AS (
+    DELETE FROM entitlement_decisions
+    WHERE id = ANY (ARRAY(
+        SELECT id FROM entitlement_decisions
+        WHERE created_at < now() - make_interval(secs => $1)
+        ORDER BY created_at
+        LIMIT $2
+        FOR UPDATE SKIP LOCKED
+    ))
+    RETURNING 1
+)
+SELECT count(*) FROM deleted
+"""
+
 # Outbox events older than the age, walking distribution_events_created, except those of a plan
 # that still has a queued or running job: a live plan keeps its whole history. The plan is looked
 # up by a scalar subquery, one primary-key probe per candidate, rather than joined, which would

@@ -1,8 +1,10 @@
-"""Retention: delete finished jobs (with their receipts), the plans they leave empty, and old events.
+"""Retention: delete finished jobs (with their receipts), the plans they leave empty, old events
+and old entitlement decisions.
 
 Succeeded and cancelled jobs go ``retain_succeeded_days`` after they finished, failed jobs (the
-dead letters) after ``retain_failed_days``, events after ``retain_events_days``; 0 or less keeps
-that kind for ever. Nothing of a plan that still has a queued or running job is deleted.
+dead letters) after ``retain_failed_days``, events after ``retain_events_days``, entitlement
+decisions after ``retain_decisions_days``; 0 or less keeps that kind for ever. Nothing of a plan
+that still has a queued or running job is deleted.
 
 Every statement deletes at most ``batch_size`` rows, oldest first, skipping rows that another
 transaction holds, so pruning never waits on a worker and never holds a lock for long; each
@@ -39,6 +41,7 @@ class PruneReport:
     receipts: int = 0  # of the jobs above, deleted with them
     plans: int = 0  # final plans left with no job
     events: int = 0
+    decisions: int = 0  # entitlement decisions
     batches: int = 0  # delete transactions run, the last, short one of each kind included
     largest_batch: int = 0  # the most jobs or events one statement deleted
 
@@ -49,8 +52,8 @@ class PruneReport:
     def summary(self) -> str:
         return (
             f"pruned {self.succeeded_jobs} succeeded, {self.cancelled_jobs} cancelled and {self.failed_jobs} failed "
-            f"job(s) with {self.receipts} receipt(s), {self.plans} plan(s) and {self.events} event(s) "
-            f"in {self.batches} batch(es)"
+            f"job(s) with {self.receipts} receipt(s), {self.plans} plan(s), {self.events} event(s) and "
+            f"{self.decisions} entitlement decision(s) in {self.batches} batch(es)"
         )
 
 
@@ -71,8 +74,12 @@ async def prune(pool: asyncpg.Pool, settings: Settings, *, batch_size: int = BAT
         age = settings.retain_failed_days * SECONDS_PER_DAY
         report.failed_jobs = await _prune_jobs(pool, report, "failed", age, batch_size)
     if settings.retain_events_days > 0:
-        report.events = await _prune_events(pool, report, settings.retain_events_days * SECONDS_PER_DAY, batch_size)
-    if report.jobs or report.plans or report.events:
+        age = settings.retain_events_days * SECONDS_PER_DAY
+        report.events = await _prune_each(pool, report, queries.PRUNE_EVENTS, age, batch_size)
+    if settings.retain_decisions_days > 0:
+        age = settings.retain_decisions_days * SECONDS_PER_DAY
+        report.decisions = await _prune_each(pool, report, queries.PRUNE_DECISIONS, age, batch_size)
+    if report.jobs or report.plans or report.events or report.decisions:
         log.info("retention: %s", report.summary())
     return report
 
@@ -98,13 +105,14 @@ async def _prune_jobs(pool: asyncpg.Pool, report: PruneReport, status: str, age:
             return total
 
 
-async def _prune_events(pool: asyncpg.Pool, report: PruneReport, age: float, batch_size: int) -> int:
+async def _prune_each(pool: asyncpg.Pool, report: PruneReport, statement: str, age: float, batch_size: int) -> int:
+    """Rows ``statement`` deletes (events, decisions) older than ``age`` seconds, batch after batch."""
     total = 0
     while True:
-        events = await pool.fetchval(queries.PRUNE_EVENTS, age, batch_size)
-        total += events
-        _count_batch(report, events)
-        if events < batch_size:
+        rows = await pool.fetchval(statement, age, batch_size)
+        total += rows
+        _count_batch(report, rows)
+        if rows < batch_size:
             return total
 
 
