@@ -325,6 +325,17 @@ async def test_each_denial_queues_nothing_and_is_logged(
     assert ("deny", code, "webhook") in [tuple(row) for row in logged]
 
 
+async def test_only_an_items_creator_or_an_admin_may_change_it(
+    licensed: dict, access: AccessService, client_for: AgentClient
+):
+    _boss, boss_key = await new_agent(access, "boss", scopes=["admin"])
+    async with client_for(licensed["reseller_key"]) as reseller, client_for(boss_key) as boss:
+        refused = await call_error(reseller, "upsert_content_item", id=licensed["item"]["id"], title="Mine", body="x")
+        fixed = await call(boss, "upsert_content_item", id=licensed["item"]["id"], title="Fixed", body="Typo fixed.")
+    assert refused["code"] == "FORBIDDEN" and "created by another agent" in refused["message"]
+    assert fixed["version"] == 2 and fixed["createdByAgentId"] == str(licensed["owner"].id)
+
+
 async def test_the_creator_needs_no_grant_and_a_grant_lets_another_agent_distribute(
     licensed: dict, access: AccessService, client_for: AgentClient, db: asyncpg.Connection
 ):
@@ -380,6 +391,9 @@ async def test_a_dry_run_reports_each_targets_decision_and_queues_nothing(
     decisions = [(p["channelType"], p["decision"]["outcome"], p["decision"]["code"]) for p in preview["previews"]]
     assert decisions == [("rss", "allow", "ENTITLED"), ("webhook", "deny", "CHANNEL_NOT_ALLOWED")]
     assert preview["previews"][1]["decision"]["remediation"]
+    # The denied target's payload is withheld: a dry run is no way to read what one may not send.
+    assert preview["previews"][1]["payload"] == {} and "goes on and on" not in json.dumps(preview["previews"][1])
+    assert "goes on and on" in json.dumps(preview["previews"][0]["payload"])
     assert await job_count(db) == 0
     logged = await db.fetch("SELECT stage, outcome, code FROM entitlement_decisions ORDER BY id")
     assert [tuple(row) for row in logged] == [

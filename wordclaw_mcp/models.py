@@ -348,7 +348,9 @@ class Receipt(ApiModel):
 class Preview(ApiModel):
     target_id: UUID
     channel_type: str
-    payload: dict[str, Any] = Field(description="Exactly what would be sent.")
+    payload: dict[str, Any] = Field(
+        description="Exactly what would be sent; empty for a target the entitlement check denied."
+    )
     length: int | None = Field(None, description="The text's length, counted as the channel counts.")
     limit: int | None = Field(None, description="The most the channel (or the policy's maxLength) allows.")
     truncated: bool = Field(False, description="Whether the text was cut to fit.")

@@ -70,6 +70,14 @@ class DistributionService:
         if item.id is None:
             row = await self.pool.fetchrow(queries.INSERT_CONTENT_ITEM, *values, agent.tenant_id, agent.id)
         else:
+            current = await self._content_item(item.id, agent)
+            if current.created_by_agent_id != agent.id and not agent.may("admin"):
+                raise errors.DistributionError(
+                    "FORBIDDEN",
+                    f"Content item {item.id} was created by another agent; only it, or an admin, may change it.",
+                    "Create an item of your own with upsert_content_item (omit id), or ask the item's creator.",
+                    requiredScope="admin",
+                )
             row = await self.pool.fetchrow(queries.UPDATE_CONTENT_ITEM, item.id, *values, agent.tenant_id)
             if row is None:
                 raise errors.content_item_not_found(item.id)
@@ -246,9 +254,14 @@ class DistributionService:
 
         # A transform depends on the channel, the item and the policy, not on the target: each
         # is made once, however many targets of one channel and policy the plan names.
+        # A denied target's payload is not made: a dry run must not show an agent the content it
+        # may not distribute.
         made: dict[tuple[str, str], dict[str, Any]] = {}
-        payloads = []
-        for target, effective in zip(targets, policies, strict=True):
+        payloads: list[dict[str, Any]] = []
+        for target, effective, verdict in zip(targets, policies, verdicts, strict=True):
+            if not verdict.allowed:
+                payloads.append({})
+                continue
             key = (target.channel_type, effective.model_dump_json())
             if key not in made:
                 try:
@@ -362,6 +375,8 @@ class DistributionService:
     def _preview(
         self, target: Target, payload: dict[str, Any], content: ContentItem, policy: TransformPolicy, decision: Decision
     ) -> Preview:
+        if decision.outcome == "deny":
+            return Preview(target_id=target.id, channel_type=target.channel_type, payload={}, decision=decision)
         fit = self.adapters.get(target.channel_type).fit(content, policy)
         measured = {} if fit is None else {"length": fit.length, "limit": fit.limit, "truncated": fit.truncated}
         return Preview(
