@@ -2,13 +2,15 @@
 
     .venv/bin/python bench/plan_statements.py [--calls N] [--database-url URL]
 
-``create_distribution_plan`` runs three statements: it reads the content item and the targets,
-then creates the plan and its jobs with one statement (CREATE_PLAN, with its triggers and a
-durable commit). The floor of bench/plan_acceptance.py, ``get_receipts``, runs two reads
-(GET_PLAN_STATUS, GET_PLAN_RECEIPTS). Each is timed here on its own, one call after another on
-one pooled connection, for a plan of 5 webhook targets, with ``SELECT 1`` as the round trip
-with no work in it. The sum for each tool is the least time a call of it can take before any
-MCP or Python work. Needs a PostgreSQL server it may create databases on.
+``create_distribution_plan`` runs two statements: it reads the content item and the targets in
+one (GET_PLAN_INPUTS), then creates the plan and its jobs with one statement (CREATE_PLAN, with
+its triggers and a durable commit); without allowDuplicate, inside a transaction that first
+takes the duplicate rule's locks (timed as BEGIN+LOCK+COMMIT). The floor of
+bench/plan_acceptance.py, ``get_receipts``, runs two reads (GET_PLAN_STATUS, GET_PLAN_RECEIPTS).
+Each is timed here on its own, one call after another on one pooled connection, for a plan of 5
+webhook targets, with ``SELECT 1`` as the round trip with no work in it. The sum for each tool is
+the least time a call of it can take before any MCP or Python work. Needs a PostgreSQL server it
+may create databases on.
 """
 
 from __future__ import annotations
@@ -88,8 +90,9 @@ async def run(args: argparse.Namespace) -> None:
                 plan = await conn.fetchrow(queries.CREATE_PLAN, *plan_arguments)
                 timed = {
                     "SELECT 1": lambda: conn.fetchval("SELECT 1"),
-                    "GET_CONTENT_ITEM": lambda: conn.fetchrow(queries.GET_CONTENT_ITEM, item["id"], BENCH_TENANT),
-                    "GET_TARGETS": lambda: conn.fetch(queries.GET_TARGETS, targets, BENCH_TENANT),
+                    "GET_PLAN_INPUTS": lambda: conn.fetchrow(
+                        queries.GET_PLAN_INPUTS, item["id"], targets, BENCH_TENANT
+                    ),
                     "CREATE_PLAN": lambda: conn.fetchrow(queries.CREATE_PLAN, *plan_arguments),
                     # What the duplicate rule adds to a plan without allowDuplicate: a transaction
                     # around CREATE_PLAN, and the rule's locks.
@@ -100,7 +103,7 @@ async def run(args: argparse.Namespace) -> None:
                 figures = {name: await time_calls(call, args.calls) for name, call in timed.items()}
     for name, figure in figures.items():
         print(f"{name:<20} {figure:>8,.0f} µs")
-    create = figures["GET_CONTENT_ITEM"] + figures["GET_TARGETS"] + figures["CREATE_PLAN"]
+    create = figures["GET_PLAN_INPUTS"] + figures["CREATE_PLAN"]
     floor = figures["GET_PLAN_STATUS"] + figures["GET_PLAN_RECEIPTS"]
     print(f"create_distribution_plan's statements: {create:,.0f} µs; get_receipts's: {floor:,.0f} µs")
     print(

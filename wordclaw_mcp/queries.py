@@ -111,7 +111,15 @@ GET_FEED_TARGET = (
 
 LIST_TARGETS = f"SELECT {_TARGET_COLUMNS} FROM distribution_targets WHERE tenant_id = $1 ORDER BY created_at, name"
 
-GET_TARGETS = f"SELECT {_TARGET_COLUMNS} FROM distribution_targets WHERE id = ANY($1::uuid[]) AND tenant_id = $2"
+# What a plan is made from, in one round trip: its content item ($1, null if not found) and
+# those of its targets ($2) that exist, all within the tenant ($3), as JSON.
+GET_PLAN_INPUTS = f"""
+SELECT (SELECT to_jsonb(c) FROM (SELECT {_CONTENT_COLUMNS} FROM content_items WHERE id = $1 AND tenant_id = $3) c)
+           AS item,
+       (SELECT coalesce(jsonb_agg(to_jsonb(t)), '[]')
+        FROM (SELECT {_TARGET_COLUMNS} FROM distribution_targets WHERE id = ANY ($2::uuid[]) AND tenant_id = $3) t)
+           AS targets
+"""
 
 # --- plans ------------------------------------------------------------------------------------
 

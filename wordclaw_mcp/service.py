@@ -213,9 +213,16 @@ class DistributionService:
                 target.config = self.adapters.get(target.channel_type).seal_config(target.config).config
         return TargetList(targets=targets)
 
-    async def _targets(self, target_ids: list[UUID], agent: Agent) -> list[Target]:
-        rows = await self.pool.fetch(queries.GET_TARGETS, target_ids, agent.tenant_id)
-        found = {row["id"]: Target.model_validate(dict(row)) for row in rows}
+    async def _plan_inputs(
+        self, request: CreateDistributionPlanInput, agent: Agent
+    ) -> tuple[ContentItem, list[Target]]:
+        """The plan's content item and targets, in the order given, or the error that stops it."""
+        target_ids = request.target_ids
+        row = await self.pool.fetchrow(queries.GET_PLAN_INPUTS, request.content_item_id, target_ids, agent.tenant_id)
+        if row["item"] is None:
+            raise errors.content_item_not_found(request.content_item_id)
+        content = ContentItem.model_validate(row["item"])
+        found = {target.id: target for target in (Target.model_validate(value) for value in row["targets"])}
         missing = [target_id for target_id in target_ids if target_id not in found]
         if missing:
             error = errors.target_not_found(missing[0])
@@ -229,7 +236,7 @@ class DistributionService:
                 "Remove it from targetIds or reactivate it.",
                 inactiveTargetIds=inactive,
             )
-        return [found[target_id] for target_id in target_ids]
+        return content, [found[target_id] for target_id in target_ids]
 
     # --- plans ---------------------------------------------------------------------------------
 
@@ -237,8 +244,7 @@ class DistributionService:
         self, request: CreateDistributionPlanInput, *, agent: Agent = LOCAL_AGENT
     ) -> Plan:
         policy = request.transform_policy or TransformPolicy()
-        content = await self._content_item(request.content_item_id, agent)
-        targets = await self._targets(request.target_ids, agent)
+        content, targets = await self._plan_inputs(request, agent)
         grants = [] if content.created_by_agent_id == agent.id else await self.access.grants_for(agent, content.id)
         verdicts, policies = [], []
         for target in targets:
