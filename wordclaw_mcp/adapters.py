@@ -25,7 +25,7 @@ from pydantic import BaseModel
 
 from . import text
 from .errors import DistributionError
-from .http import DEFAULT_LIMIT, DEFAULT_LIMIT_PER_HOST, HttpClient
+from .http import DEFAULT_LIMIT, DEFAULT_LIMIT_PER_HOST, Answer, ConnectError, HttpClient, TargetRefused
 from .models import ContentItem, TransformPolicy
 from .store import ChannelStore
 
@@ -92,6 +92,10 @@ class Progress(enum.Enum):
 delivery_progress: ContextVar[Progress] = ContextVar("delivery_progress", default=Progress.NOT_SENT)
 
 
+def _answered() -> None:
+    delivery_progress.set(Progress.SENT)
+
+
 @dataclass(frozen=True)
 class AdapterOptions:
     allow_private_targets: bool = False
@@ -145,6 +149,17 @@ class Adapter(ABC):
     @http.setter
     def http(self, client: HttpClient) -> None:
         self._http = client
+
+    async def send(self, method: str, url: str, **options: Any) -> Answer:
+        """A delivery's request (``HttpClient.request``'s arguments), keeping ``delivery_progress``:
+        maybe sent from the start, sent once the channel answers, and not sent again when no
+        connection could be made (``TargetRefused``, ``ConnectError``, which it raises on)."""
+        delivery_progress.set(Progress.MAYBE_SENT)
+        try:
+            return await self.http.request(method, url, on_answer=_answered, **options)
+        except (TargetRefused, ConnectError):
+            delivery_progress.set(Progress.NOT_SENT)
+            raise
 
     async def check_target(self, config: BaseModel) -> None:  # noqa: B027 - optional hook
         """Refuse a target at registration, beyond what ``config_model`` validates."""

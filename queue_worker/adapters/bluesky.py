@@ -19,8 +19,6 @@ from wordclaw_mcp import http, ratelimit, redaction, text
 from wordclaw_mcp.adapters import (
     DeliveryResult,
     DeliveryTarget,
-    Progress,
-    delivery_progress,
 )
 from wordclaw_mcp.models import ContentItem, TransformPolicy
 
@@ -134,14 +132,12 @@ class BlueskyAdapter(SocialAdapter):
         }
         if payload.get("facets"):
             record["facets"] = payload["facets"]
-        delivery_progress.set(Progress.MAYBE_SENT)
-        return await self.http.request(
+        return await self.send(
             "POST",
             f"{base}/xrpc/com.atproto.repo.createRecord",
             headers={"authorization": f"Bearer {session['accessJwt']}"},
             json={"repo": session["did"], "collection": POST_COLLECTION, "rkey": rkey, "record": record},
             timeout=self.options.timeout,
-            on_answer=lambda: delivery_progress.set(Progress.SENT),
         )
 
 

@@ -12,8 +12,6 @@ from wordclaw_mcp import http, ratelimit, redaction
 from wordclaw_mcp.adapters import (
     DeliveryResult,
     DeliveryTarget,
-    Progress,
-    delivery_progress,
 )
 
 from .social import SocialAdapter, unsent
@@ -62,18 +60,15 @@ class MastodonAdapter(SocialAdapter):
             # status it already made, so a retry after a lost answer cannot post twice.
             headers["idempotency-key"] = message_id
         started = time.monotonic()
-        delivery_progress.set(Progress.MAYBE_SENT)
         try:
-            answer = await self.http.request(
+            answer = await self.send(
                 "POST",
                 url,
                 headers=headers,
                 json={**payload, "visibility": config.visibility},
                 timeout=self.options.timeout,
-                on_answer=lambda: delivery_progress.set(Progress.SENT),
             )
         except (http.TargetRefused, http.ConnectError) as exc:
-            delivery_progress.set(Progress.NOT_SENT)
             return unsent(exc)
         except http.HttpError as exc:
             # Safe to retry even if it was sent: the idempotency key makes the repeat a no-op.

@@ -21,9 +21,7 @@ from wordclaw_mcp.adapters import (
     Adapter,
     DeliveryResult,
     DeliveryTarget,
-    Progress,
     SealedConfig,
-    delivery_progress,
     render_content,
 )
 from wordclaw_mcp.models import ContentItem, TransformPolicy
@@ -169,28 +167,18 @@ class WebhookAdapter(Adapter):
             headers["webhook-signature"] = signatures
 
         started = time.monotonic()
-        # The address is checked as the connection opens (wordclaw_mcp/http.py), so from here on
-        # the request may be on its way.
-        delivery_progress.set(Progress.MAYBE_SENT)
         try:
-            answer = await self.http.request(
-                "POST",
-                url,
-                headers=headers,
-                body=body.encode(),
-                timeout=timeout,
-                max_body=RESPONSE_BODY_LIMIT,
-                on_answer=lambda: delivery_progress.set(Progress.SENT),
+            # The address is checked as the connection opens (wordclaw_mcp/http.py).
+            answer = await self.send(
+                "POST", url, headers=headers, body=body.encode(), timeout=timeout, max_body=RESPONSE_BODY_LIMIT
             )
         except http.TargetRefused as exc:
-            delivery_progress.set(Progress.NOT_SENT)
             return DeliveryResult(
                 succeeded=False,
                 error=f"{exc.code}: {exc.message}",
                 retryable=exc.code == "TARGET_UNRESOLVABLE",
             )
         except http.ConnectError as exc:
-            delivery_progress.set(Progress.NOT_SENT)
             return DeliveryResult(succeeded=False, retryable=True, error=f"ConnectError: {exc}")
         except http.DeadlineExceeded:
             return DeliveryResult(

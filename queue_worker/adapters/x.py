@@ -17,8 +17,6 @@ from wordclaw_mcp import http, ratelimit, redaction
 from wordclaw_mcp.adapters import (
     DeliveryResult,
     DeliveryTarget,
-    Progress,
-    delivery_progress,
 )
 
 from .social import SocialAdapter, unsent
@@ -57,18 +55,15 @@ class XAdapter(SocialAdapter):
         token = target.secrets["accessToken"]
         url = str(config.base_url).rstrip("/") + "/2/tweets"
         started = time.monotonic()
-        delivery_progress.set(Progress.MAYBE_SENT)
         try:
-            answer = await self.http.request(
+            answer = await self.send(
                 "POST",
                 url,
                 headers={"authorization": f"Bearer {token}"},
                 json={"text": payload["text"]},
                 timeout=self.options.timeout,
-                on_answer=lambda: delivery_progress.set(Progress.SENT),
             )
         except (http.TargetRefused, http.ConnectError) as exc:
-            delivery_progress.set(Progress.NOT_SENT)
             return unsent(exc)
         except http.HttpError as exc:
             return DeliveryResult(succeeded=False, retryable=False, error=OUTCOME_UNKNOWN.format(reason=exc))

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 from pydantic.alias_generators import to_camel
 
 from wordclaw_mcp import http, ratelimit, redaction, text
-from wordclaw_mcp.adapters import Adapter, DeliveryResult, DeliveryTarget, Progress, delivery_progress
+from wordclaw_mcp.adapters import Adapter, DeliveryResult, DeliveryTarget
 from wordclaw_mcp.models import ContentItem, TransformPolicy
 
 __all__ = ["SlackAdapter"]
@@ -49,17 +49,9 @@ class SlackAdapter(Adapter):
     ) -> DeliveryResult:
         url = target.secrets["webhookUrl"]
         started = time.monotonic()
-        delivery_progress.set(Progress.MAYBE_SENT)
         try:
-            answer = await self.http.request(
-                "POST",
-                url,
-                json=payload,
-                timeout=self.options.timeout,
-                on_answer=lambda: delivery_progress.set(Progress.SENT),
-            )
+            answer = await self.send("POST", url, json=payload, timeout=self.options.timeout)
         except (http.TargetRefused, http.ConnectError) as exc:
-            delivery_progress.set(Progress.NOT_SENT)
             return DeliveryResult(succeeded=False, retryable=isinstance(exc, http.ConnectError), error=str(exc))
         except http.HttpError as exc:
             return DeliveryResult(succeeded=False, retryable=True, error=f"{type(exc).__name__}: {exc}")
