@@ -24,6 +24,7 @@ from cryptography.fernet import Fernet
 from mcp import Client
 
 from queue_worker.worker import Worker
+from tests.fake_bluesky import FakeBluesky
 from wordclaw_mcp import queries
 from wordclaw_mcp.config import Settings
 from wordclaw_mcp.database import EmbeddedServer, apply_schema, connect
@@ -166,6 +167,13 @@ async def db(service: DistributionService) -> AsyncIterator[asyncpg.Connection]:
     """A direct connection for asserting on stored rows."""
     async with service.pool.acquire() as conn:
         yield conn
+
+
+@pytest.fixture
+def pds() -> Iterator[FakeBluesky]:
+    """A local Bluesky PDS (tests/fake_bluesky.py)."""
+    with FakeBluesky() as fake:
+        yield fake
 
 
 @pytest.fixture

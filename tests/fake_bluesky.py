@@ -12,13 +12,14 @@ headers with 429 once the budget is spent. Errors are ``{"error", "message"}``.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from email.message import Message
 from typing import Any
 
 import regex
+
+from tests.fake_api import FakeJsonApi, Reply
 
 DID = "did:plc:wordclawtest000000000000"
 
@@ -42,53 +43,20 @@ class Account:
         self.valid_access.clear()
 
 
-class FakeBluesky:
+class FakeBluesky(FakeJsonApi):
     def __init__(self) -> None:
+        super().__init__()
         self.account = Account()
-        self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def __enter__(self) -> FakeBluesky:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                raw = self.rfile.read(int(self.headers.get("content-length") or 0))
-                bearer = (self.headers.get("authorization") or "").removeprefix("Bearer ")
-                with fake._lock:
-                    status, body, drop = fake._post(self.path, bearer, json.loads(raw or b"{}"))
-                if drop:
-                    self.close_connection = True
-                    return
-                payload = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(payload)))
-                self.send_header("ratelimit-limit", "100")
-                self.send_header("ratelimit-remaining", str(max(fake.account.remaining, 0)))
-                self.send_header("ratelimit-reset", str(int(time.time()) + 300))
-                self.end_headers()
-                self.wfile.write(payload)
-
-        return Handler
+    def post(self, path: str, headers: Message, raw: bytes) -> Reply:
+        bearer = (headers.get("authorization") or "").removeprefix("Bearer ")
+        status, body, drop = self._post(path, bearer, json.loads(raw or b"{}"))
+        rate = {
+            "ratelimit-limit": "100",
+            "ratelimit-remaining": str(max(self.account.remaining, 0)),
+            "ratelimit-reset": str(int(time.time()) + 300),
+        }
+        return Reply(status, body, rate, drop=drop)
 
     def _tokens(self) -> dict[str, Any]:
         account = self.account

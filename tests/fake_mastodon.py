@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from email.message import Message
 from typing import Any
 from urllib.parse import parse_qs
+
+from tests.fake_api import FakeJsonApi, Reply
 
 URL = re.compile(r"https?://\S+")
 
@@ -37,54 +38,22 @@ class Instance:
     by_key: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-class FakeMastodon:
+class FakeMastodon(FakeJsonApi):
+    content_type = "application/json; charset=utf-8"
+
     def __init__(self) -> None:
+        super().__init__()
         self.instance = Instance()
-        self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def __enter__(self) -> FakeMastodon:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                raw = self.rfile.read(int(self.headers.get("content-length") or 0))
-                with fake._lock:
-                    status, body, drop = fake._post(self.path, dict(self.headers.items()), raw)
-                if drop:
-                    self.close_connection = True
-                    return
-                instance = fake.instance
-                reset = (datetime.now(UTC) + instance.reset_in).isoformat().replace("+00:00", "Z")
-                payload = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/json; charset=utf-8")
-                self.send_header("content-length", str(len(payload)))
-                self.send_header("x-ratelimit-limit", str(instance.rate_limit))
-                self.send_header("x-ratelimit-remaining", str(max(instance.remaining, 0)))
-                self.send_header("x-ratelimit-reset", reset)
-                self.end_headers()
-                self.wfile.write(payload)
-
-        return Handler
+    def post(self, path: str, headers: Message, raw: bytes) -> Reply:
+        status, body, drop = self._post(path, dict(headers.items()), raw)
+        instance = self.instance
+        rate = {
+            "x-ratelimit-limit": str(instance.rate_limit),
+            "x-ratelimit-remaining": str(max(instance.remaining, 0)),
+            "x-ratelimit-reset": (datetime.now(UTC) + instance.reset_in).isoformat().replace("+00:00", "Z"),
+        }
+        return Reply(status, body, rate, drop=drop)
 
     def _post(self, path: str, headers: dict[str, str], raw: bytes) -> tuple[int, dict[str, Any], bool]:
         instance = self.instance

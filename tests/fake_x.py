@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from email.message import Message
 from typing import Any
+
+from tests.fake_api import FakeJsonApi, Reply
 
 URL = re.compile(r"https?://\S+")
 
@@ -31,57 +32,22 @@ class Account:
     requests: int = 0
 
 
-class FakeX:
+class FakeX(FakeJsonApi):
+    content_type = "application/json; charset=utf-8"
+
     def __init__(self) -> None:
+        super().__init__()
         self.account = Account()
-        self._lock = threading.Lock()
-        self._closing = threading.Event()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def __enter__(self) -> FakeX:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._closing.set()
-        self._server.shutdown()
-        self._server.server_close()
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                raw = self.rfile.read(int(self.headers.get("content-length") or 0))
-                with fake._lock:
-                    status, body = fake._post(self.path, self.headers.get("authorization"), raw)
-                    hang = fake.account.hang and status == 201
-                if hang:
-                    fake._closing.wait(30)
-                    return
-                account = fake.account
-                payload = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/json; charset=utf-8")
-                self.send_header("content-length", str(len(payload)))
-                self.send_header("x-rate-limit-limit", "100")
-                self.send_header("x-rate-limit-remaining", str(max(account.remaining, 0)))
-                self.send_header("x-rate-limit-reset", str(int(time.time() + account.reset_in)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-        return Handler
+    def post(self, path: str, headers: Message, raw: bytes) -> Reply:
+        status, body = self._post(path, headers.get("authorization"), raw)
+        account = self.account
+        rate = {
+            "x-rate-limit-limit": "100",
+            "x-rate-limit-remaining": str(max(account.remaining, 0)),
+            "x-rate-limit-reset": str(int(time.time() + account.reset_in)),
+        }
+        return Reply(status, body, rate, hang=account.hang and status == 201)
 
     def _post(self, path: str, authorization: str | None, raw: bytes) -> tuple[int, dict[str, Any]]:
         account = self.account

@@ -266,6 +266,22 @@ async def grant(access: AccessService, agent: Agent, item: dict | None, **terms:
     return await access.grant(agent.id, content_item_id=uuid.UUID(item["id"]) if item else None, **terms)
 
 
+async def plan_licensed(client: Client, licensed: dict, *targets: str, **arguments: Any) -> dict[str, Any]:
+    """create_distribution_plan for the licensed item to the named targets ("webhook", "rss")."""
+    ids = [licensed[name]["id"] for name in targets]
+    return await call(
+        client, "create_distribution_plan", contentItemId=licensed["item"]["id"], targetIds=ids, **arguments
+    )
+
+
+async def refused_plan(client: Client, licensed: dict, *targets: str, **arguments: Any) -> dict[str, Any]:
+    """The error create_distribution_plan answers for the licensed item to the named targets."""
+    ids = [licensed[name]["id"] for name in targets]
+    return await call_error(
+        client, "create_distribution_plan", contentItemId=licensed["item"]["id"], targetIds=ids, **arguments
+    )
+
+
 DENIALS = {
     "ENTITLEMENT_NOT_FOUND": None,
     "REDISTRIBUTION_NOT_ALLOWED": {"allow_redistribution": False},
@@ -290,12 +306,7 @@ async def test_each_denial_queues_nothing_and_is_logged(
             await db.execute("UPDATE entitlements SET distributions_used = 1 WHERE id = $1", granted.id)
     before = await job_count(db)
     async with client_for(licensed["reseller_key"]) as client:
-        error = await call_error(
-            client,
-            "create_distribution_plan",
-            contentItemId=item["id"],
-            targetIds=[licensed["rss"]["id"], webhook["id"]],
-        )
+        error = await refused_plan(client, licensed, "rss", "webhook")
     assert error["code"] == code, error
     assert error["message"] and error["remediation"]
     assert await job_count(db) == before, "a denied plan queued jobs"
@@ -326,12 +337,9 @@ async def test_only_an_items_creator_or_an_admin_may_change_it(
 async def test_the_creator_needs_no_grant_and_a_grant_lets_another_agent_distribute(
     licensed: dict, access: AccessService, client_for: AgentClient, db: asyncpg.Connection
 ):
-    reseller, item = licensed["reseller"], licensed["item"]
-    granted = await grant(access, reseller, None, allowed_channels=["webhook"])  # every item of the tenant
+    granted = await grant(access, licensed["reseller"], None, allowed_channels=["webhook"])  # every item of the tenant
     async with client_for(licensed["reseller_key"]) as client:
-        plan = await call(
-            client, "create_distribution_plan", contentItemId=item["id"], targetIds=[licensed["webhook"]["id"]]
-        )
+        plan = await plan_licensed(client, licensed, "webhook")
         mine = await call(client, "get_my_entitlements")
     assert plan["status"] == "queued"
     assert [e["id"] for e in mine["entitlements"]] == [str(granted.id)]
@@ -348,11 +356,10 @@ async def test_an_excerpt_grant_allows_an_excerpt_no_longer_than_it_permits(
 ):
     await grant(access, licensed["reseller"], licensed["item"], excerpt_only=True, max_excerpt_chars=12)
     async with client_for(licensed["reseller_key"]) as client:
-        preview = await call(
+        preview = await plan_licensed(
             client,
-            "create_distribution_plan",
-            contentItemId=licensed["item"]["id"],
-            targetIds=[licensed["webhook"]["id"]],
+            licensed,
+            "webhook",
             transformPolicy={"excerptOnly": True, "includeCanonicalUrl": False},
             dryRun=True,
         )
@@ -368,13 +375,7 @@ async def test_a_dry_run_reports_each_targets_decision_and_queues_nothing(
 ):
     await grant(access, licensed["reseller"], licensed["item"], allowed_channels=["rss"])
     async with client_for(licensed["reseller_key"]) as client:
-        preview = await call(
-            client,
-            "create_distribution_plan",
-            contentItemId=licensed["item"]["id"],
-            targetIds=[licensed["rss"]["id"], licensed["webhook"]["id"]],
-            dryRun=True,
-        )
+        preview = await plan_licensed(client, licensed, "rss", "webhook", dryRun=True)
     decisions = [(p["channelType"], p["decision"]["outcome"], p["decision"]["code"]) for p in preview["previews"]]
     assert decisions == [("rss", "allow", "ENTITLED"), ("webhook", "deny", "CHANNEL_NOT_ALLOWED")]
     assert preview["previews"][1]["decision"]["remediation"]
@@ -399,12 +400,7 @@ async def test_a_grant_revoked_between_plan_and_delivery_stops_the_delivery(
 ):
     granted = await grant(access, licensed["reseller"], licensed["item"])
     async with client_for(licensed["reseller_key"]) as client:
-        plan = await call(
-            client,
-            "create_distribution_plan",
-            contentItemId=licensed["item"]["id"],
-            targetIds=[licensed["webhook"]["id"]],
-        )
+        plan = await plan_licensed(client, licensed, "webhook")
         await access.revoke_entitlement(granted.id)
         assert await Worker(runtime).run_once() == 1
         after = await call(client, "get_plan", planId=plan["id"])
@@ -428,12 +424,7 @@ async def test_a_grant_still_held_at_delivery_is_logged_and_delivered(
 ):
     await grant(access, licensed["reseller"], licensed["item"], max_distributions=1)
     async with client_for(licensed["reseller_key"]) as client:
-        plan = await call(
-            client,
-            "create_distribution_plan",
-            contentItemId=licensed["item"]["id"],
-            targetIds=[licensed["webhook"]["id"]],
-        )
+        plan = await plan_licensed(client, licensed, "webhook")
         # Spending the last of the budget exhausts the grant, but not the job it was spent for.
         assert (await call(client, "get_my_entitlements"))["entitlements"][0]["status"] == "exhausted"
         assert await Worker(runtime).run_once() == 1
@@ -448,12 +439,7 @@ async def test_an_expiry_reached_before_delivery_stops_the_delivery(
 ):
     await grant(access, licensed["reseller"], licensed["item"], expires_at=datetime.now(UTC) + timedelta(hours=1))
     async with client_for(licensed["reseller_key"]) as client:
-        plan = await call(
-            client,
-            "create_distribution_plan",
-            contentItemId=licensed["item"]["id"],
-            targetIds=[licensed["webhook"]["id"]],
-        )
+        plan = await plan_licensed(client, licensed, "webhook")
         # The worker's clock is two hours on: the grant has expired by the time it delivers.
         from wordclaw_mcp.runtime import Runtime
 
@@ -496,12 +482,7 @@ async def test_a_plan_needing_more_than_the_budget_left_is_refused_whole(
 ):
     await grant(access, licensed["reseller"], licensed["item"], max_distributions=1)
     async with client_for(licensed["reseller_key"]) as client:
-        error = await call_error(
-            client,
-            "create_distribution_plan",
-            contentItemId=licensed["item"]["id"],
-            targetIds=[licensed["webhook"]["id"], licensed["rss"]["id"]],
-        )
+        error = await refused_plan(client, licensed, "webhook", "rss")
     assert error["code"] == "ENTITLEMENT_EXHAUSTED" and error["details"]["remaining"] == 1
     assert await job_count(db) == 0
     assert await db.fetchval("SELECT distributions_used FROM entitlements") == 0

@@ -5,7 +5,6 @@ retry collides with its post instead of posting twice."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import asyncpg
 import pytest
@@ -20,12 +19,6 @@ from wordclaw_mcp.text import link_facets
 pytestmark = pytest.mark.anyio
 
 LINK = "https://example.com/posts/fan-out"
-
-
-@pytest.fixture
-def pds() -> Iterator[FakeBluesky]:
-    with FakeBluesky() as fake:
-        yield fake
 
 
 async def target(service: DistributionService, pds: FakeBluesky, password: str | None = None):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
 
@@ -42,12 +42,6 @@ pytestmark = pytest.mark.anyio
 
 # A target's ciphertext written as someone with access to the database would.
 SET_CIPHERTEXT = "UPDATE distribution_targets SET secret_ciphertext = $2 WHERE id = $1"
-
-
-@pytest.fixture
-def pds() -> Iterator[FakeBluesky]:
-    with FakeBluesky() as fake:
-        yield fake
 
 
 @asynccontextmanager

@@ -123,12 +123,12 @@ def decide(
     active = [grant for grant in grants if grant.status == "active"]
     if not active:
         return _deny(_inactive(grants[0], item), grants[0])
-    denials = []
-    for grant in active:
-        if (denial := _lacks(grant, item, channel_type, policy)) is None:
-            return Verdict(Decision(outcome="allow", code="ENTITLED", entitlement_id=grant.id), grant)
-        denials.append((denial, grant))
-    return _deny(*denials[0])
+    lacks = [(_lacks(grant, item, channel_type, policy), grant) for grant in active]
+    if usable := next((grant for denial, grant in lacks if denial is None), None):
+        return Verdict(Decision(outcome="allow", code="ENTITLED", entitlement_id=usable.id), usable)
+    denial, grant = lacks[0]
+    assert denial is not None
+    return _deny(denial, grant)
 
 
 def _inactive(grant: Entitlement, item: ContentItem) -> DistributionError:

@@ -166,7 +166,7 @@ def mcp_main(argv: list[str] | None = None) -> int:
 
     from .server import build_server
 
-    server = build_server(settings)
+    server = build_server(settings, checked=True)  # by check_before_serving, above
     if args.transport == "stdio":
         anyio.run(server.run_stdio_async, backend_options=event_loop_options())
     else:

@@ -271,20 +271,26 @@ def add_model_tool(server: WordClawServer, spec: ToolSpec) -> None:
     )
 
 
-def build_server(settings: Settings | None = None) -> WordClawServer:
-    """The MCP server. Its lifespan opens the service and, when configured, an in-process worker."""
+def build_server(settings: Settings | None = None, *, checked: bool = False) -> WordClawServer:
+    """The MCP server. Its lifespan opens the service and, when configured, an in-process worker.
+
+    ``checked``: the caller has verified the stored secrets and the agent key already
+    (``wordclaw-mcp`` does, to fail with one line before serving), so the lifespan, which may
+    open once per HTTP session, does not decrypt every secret again.
+    """
     settings = settings or Settings.from_env()
 
     @asynccontextmanager
     async def lifespan(server: WordClawServer) -> AsyncIterator[DistributionService]:
         async with Runtime.open(settings) as runtime:
-            # Stored secrets these keys cannot read fail the start, not a delivery later.
-            await verify_stored_secrets(runtime.pool, runtime.secrets)
             server.runtime = runtime
             service = DistributionService(runtime)
-            if settings.agent_key:
-                # A wrong or revoked key fails the start, not every call.
-                await service.access.authenticate(settings.agent_key)
+            if not checked:
+                # Stored secrets these keys cannot read fail the start, not a delivery later;
+                # so does a wrong or revoked key, rather than every call.
+                await verify_stored_secrets(runtime.pool, runtime.secrets)
+                if settings.agent_key:
+                    await service.access.authenticate(settings.agent_key)
             if not settings.worker_in_server:
                 yield service
                 return

@@ -315,6 +315,7 @@ class DistributionService:
         statement, with no transaction around it.
         """
         key = request.idempotency_key
+        digest = request_digest(request) if key is not None else None
         spend = Counter(verdict.grant.id for verdict in verdicts if verdict.grant is not None)
         target_ids = [target.id for target in targets]
         locked = not request.allow_duplicate or key is not None
@@ -324,9 +325,11 @@ class DistributionService:
             if key is not None:
                 earlier = await conn.fetchrow(queries.FIND_IDEMPOTENT_PLAN, agent.id, key)
                 if earlier is not None:
-                    if earlier["request_digest"] != request_digest(request):
+                    if earlier["request_digest"] != digest:
                         raise _key_reused(key, earlier["id"])
-                    return await self._plan(earlier["id"], agent)
+                    # On this connection: waiting for a second one while holding the first could
+                    # leave every pooled connection waiting on another.
+                    return await self._plan(earlier["id"], agent, conn)
             if spend:
                 spent = await conn.fetch(queries.SPEND_ENTITLEMENTS, list(spend), list(spend.values()))
                 if unspent := sorted(set(spend) - {row["id"] for row in spent}):
@@ -350,7 +353,7 @@ class DistributionService:
                 request.allow_duplicate,
                 agent.tenant_id,
                 key,
-                request_digest(request) if key is not None else None,
+                digest,
                 [verdict.grant.id if verdict.grant else None for verdict in verdicts],
                 [target.channel_type for target in targets],
                 [verdict.decision.code for verdict in verdicts],
@@ -486,11 +489,13 @@ class DistributionService:
         if await self.pool.fetchval(queries.GET_PLAN_STATUS, plan_id, agent.tenant_id) is None:
             raise errors.plan_not_found(plan_id)
 
-    async def _plan(self, plan_id: UUID, agent: Agent) -> Plan:
-        row = await self.pool.fetchrow(queries.GET_PLAN, plan_id, agent.tenant_id)
+    async def _plan(self, plan_id: UUID, agent: Agent, conn: asyncpg.Connection | None = None) -> Plan:
+        """The plan and its jobs, read on ``conn`` if given (one the caller already holds), else the pool."""
+        source = conn or self.pool
+        row = await source.fetchrow(queries.GET_PLAN, plan_id, agent.tenant_id)
         if row is None:
             raise errors.plan_not_found(plan_id)
-        jobs = await self.pool.fetch(queries.GET_PLAN_JOBS, plan_id)
+        jobs = await source.fetch(queries.GET_PLAN_JOBS, plan_id)
         return Plan.model_validate({**row, "jobs": [Job.model_validate(dict(job)) for job in jobs]})
 
     async def _receipts(self, plan_id: UUID) -> list[Receipt]:
