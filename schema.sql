@@ -8,18 +8,29 @@
 --
 -- Job state machine (River-style: each transition is one SQL statement in queries.py):
 --
---   queued --claim--> running --success--> succeeded
+--   queued --claim (a new claim_token, attempt + 1)--> running --success--> succeeded
 --     ^                  |----permanent failure or attempts exhausted--> failed
+--     |                  |----it may have reached a channel that cannot take it twice--> failed
+--     |                  |        (DELIVERY_OUTCOME_UNKNOWN)
 --     |                  |----failure, lease lost or shutdown after a cancel request--> cancelled
 --     |                  |----its target was deactivated--> failed (TARGET_INACTIVE)
 --     +---retry (attempt > 0, next_attempt_at in the future)
 --     +---throttled (429, Retry-After): back when the target's suspension ends, budget unspent
---     +---released uncounted: this worker cannot decrypt the target's secrets
+--     +---released uncounted: never started (the worker stopped, its plan was cancelled, or it
+--         cannot decrypt the target's secrets)
 --   queued --cancel_plan--> cancelled
 --   queued --its target is deactivated--> failed (TARGET_INACTIVE)
 --   running --lease expired (the worker vanished; its heartbeat renews the lease every
---             lease/3)--> queued, or failed when out of attempts
+--             lease/3)--> queued, or failed when out of attempts or when the attempt had begun
+--             sending to a channel that cannot take it twice (DELIVERY_OUTCOME_UNKNOWN)
 --   any but succeeded --a late success of an earlier attempt--> succeeded (it was delivered)
+--
+-- Every move out of running names the claim (claim_token), never the attempt number alone. A
+-- claim commits durably, so an attempt number is never handed out twice (a claim given back
+-- unstarted made no attempt, and its number is the next one's).
+--
+-- Locks are taken in one order everywhere: targets, then jobs in id order, then plans in id
+-- order (the job trigger). No statement that holds a job waits for a target.
 --
 -- The plan's status is derived from its jobs by a trigger in the same transaction as the
 -- job change, so no code path can update a job and forget the plan.
@@ -189,7 +200,20 @@ CREATE TABLE IF NOT EXISTS distribution_jobs (
     -- agent created the item.
     entitlement_id    uuid REFERENCES entitlements (id),
     -- A running job always has a lease; a finished one never does.
-    CHECK ((status = 'running') = (lease_expires_at IS NOT NULL))
+    CHECK ((status = 'running') = (lease_expires_at IS NOT NULL)),
+    -- The claim that holds a running job: every write about its attempt (the outcome, a lease
+    -- renewal, a release, a rescue) names it, so a late or repeated write from an earlier claim
+    -- never moves a later one. Null while no one holds the job.
+    claim_token       uuid,
+    -- When the current (or last) claim took the job.
+    claimed_at        timestamptz,
+    -- Set, durably, just before a channel that cannot make a resend safe (X) sends the current
+    -- attempt's request: a rescue of that attempt then knows it may have reached the channel.
+    sending_at        timestamptz,
+    -- The first time an attempt of this job may have reached its channel (the claim's time, to be
+    -- safe). A channel whose idempotency key expires (Mastodon's hour) is never sent the job again
+    -- once its key may have expired. A redrive clears it.
+    maybe_sent_at     timestamptz
 );
 
 -- Serve the claim: only queued rows are in them, in the order they are claimed (jobs someone
@@ -471,12 +495,16 @@ $$;
 CREATE OR REPLACE FUNCTION wordclaw_target_deactivated() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
+    -- Its jobs in id order, the order every statement locks jobs in, so that a cancel or a batch
+    -- write holding some of them cannot deadlock with this.
     UPDATE distribution_jobs
     SET status = 'failed',
         last_error = 'TARGET_INACTIVE: the target was deactivated before this job was delivered.',
         finished_at = now(),
         updated_at = now()
-    WHERE target_id = NEW.id AND status = 'queued';
+    WHERE id IN (
+        SELECT id FROM distribution_jobs WHERE target_id = NEW.id AND status = 'queued' ORDER BY id FOR UPDATE
+    );
     RETURN NULL;
 END
 $$;

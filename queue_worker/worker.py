@@ -7,10 +7,11 @@ import logging
 import os
 import re
 import socket
+import time
 import traceback
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
@@ -26,7 +27,16 @@ from wordclaw_mcp.notifications import CANCEL_CHANNEL, JOBS_CHANNEL
 from wordclaw_mcp.runtime import Runtime
 from wordclaw_mcp.secrets import target_binding
 
-from .adapters import DeliveryResult, DeliveryTarget, Progress, delivery_progress
+from .adapters import (
+    Adapter,
+    AttemptInfo,
+    DeliveryResult,
+    DeliveryTarget,
+    Progress,
+    ResendSafety,
+    current_attempt,
+    delivery_progress,
+)
 from .retry import retry_delay
 
 log = logging.getLogger(__name__)
@@ -44,6 +54,23 @@ NOT_STARTED_DELAY = 0.0
 MAX_BACKOFF = 30.0
 
 UNKNOWN_OUTCOME = "The worker holding this attempt stopped responding; its outcome is unknown."
+# The remediation every DELIVERY_OUTCOME_UNKNOWN ends with.
+CHECK_THEN_REDRIVE = (
+    "Check the account for the post, and redrive the job (retry_plan, or wordclaw jobs redrive) only if it is "
+    "not there."
+)
+SENDING_WHEN_LOST = (
+    "DELIVERY_OUTCOME_UNKNOWN: the worker sending this attempt stopped responding after its request may have "
+    "gone out, and this channel cannot take a request twice, so it is not sent again by itself. "
+    + CHECK_THEN_REDRIVE
+)
+RESEND_WINDOW_PASSED = (
+    "DELIVERY_OUTCOME_UNKNOWN: an earlier attempt may have posted, and the channel keeps its idempotency key "
+    "only so long; a retry now could post twice, so it is not sent again by itself. " + CHECK_THEN_REDRIVE
+)
+# A request is let go out on an expiring key only this long before the key may expire: room for
+# the request itself and for clocks.
+RESEND_MARGIN = 120.0
 TARGET_INACTIVE = "TARGET_INACTIVE: the target was deactivated; this job will not be delivered."
 TARGET_GONE = "TARGET_GONE: the target answered 410 Gone and was deactivated; this job was not delivered."
 THROTTLED_TOO_LONG = "THROTTLED_TOO_LONG: the channel kept throttling this job past the limit; it was not delivered."
@@ -93,12 +120,25 @@ class ClaimedJob:
     # denial when the grant was revoked or expired since the plan was made.
     entitlement_id: UUID | None = None
     denied: str | None = None
+    # The claim this worker holds: every write about the attempt names it.
+    claim_token: UUID | None = None
+    # How long before the claim (database clock) an attempt may first have reached the channel.
+    maybe_sent_seconds_ago: float | None = None
+    # Whether the target was backing off a 429 when claimed: a success resets it.
+    target_backing_off: bool = False
+    # When this worker received the claim (its monotonic clock).
+    claimed_at: float = field(default_factory=time.monotonic, compare=False)
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> ClaimedJob:
         values = dict(row)
         values["payload"] = values.pop("payload_snapshot")
         return cls(**values)
+
+    def seconds_since_maybe_sent(self) -> float | None:
+        if self.maybe_sent_seconds_ago is None:
+            return None
+        return self.maybe_sent_seconds_ago + time.monotonic() - self.claimed_at
 
 
 @dataclass(frozen=True)
@@ -113,11 +153,64 @@ class Outcome:
     result: DeliveryResult
     retry_delay: float
     released: bool = False
+    # Whether the attempt's request may have reached the channel.
+    maybe_sent: bool = False
+    # How long after an attempt that may have posted the channel can still take a resend safely
+    # (seconds; None: no limit).
+    resend_window: float | None = None
 
     @classmethod
-    def of(cls, job: ClaimedJob, result: DeliveryResult) -> Outcome:
-        """With the retry delay from the schedule (unused when the attempt succeeded)."""
-        return cls(job, result, 0.0 if result.succeeded else retry_delay(job.attempt, result.retry_after))
+    def of(
+        cls,
+        job: ClaimedJob,
+        result: DeliveryResult,
+        *,
+        maybe_sent: bool | None = None,
+        resend_window: float | None = None,
+        delay: float | None = None,
+    ) -> Outcome:
+        """With the retry delay from the schedule unless given (unused when the attempt succeeded).
+        Unless told, a request that the channel did not refuse is taken to have gone out."""
+        if delay is None:
+            delay = 0.0 if result.succeeded else retry_delay(job.attempt, result.retry_after)
+        sent = result.succeeded or not result.refused if maybe_sent is None else maybe_sent
+        return cls(job, result, delay, maybe_sent=sent, resend_window=resend_window)
+
+    @classmethod
+    def unsent(cls, job: ClaimedJob, error: str) -> Outcome:
+        """An attempt that sent nothing and fails the job."""
+        return cls.of(job, DeliveryResult(succeeded=False, error=error), maybe_sent=False)
+
+    @classmethod
+    def judged(
+        cls,
+        job: ClaimedJob,
+        result: DeliveryResult,
+        safety: ResendSafety,
+        progress: Progress,
+        *,
+        delay: float | None = None,
+    ) -> Outcome:
+        """An attempt's outcome as the channel's resend safety allows.
+
+        A request that went out and was not refused may have reached the channel. On a channel that
+        cannot take a request twice, such an attempt is never tried again by itself: it ends
+        DELIVERY_OUTCOME_UNKNOWN, whatever the adapter thought of retrying it.
+        """
+        refused = result.refused or result.status_code == 429  # throttled before it was looked at
+        maybe_sent = result.succeeded or (progress is not Progress.NOT_SENT and not refused)
+        if safety.resend_is_unsafe and maybe_sent and not result.succeeded and (result.retryable or result.throttled):
+            said = (result.error or "no answer").removeprefix("DELIVERY_OUTCOME_UNKNOWN: ")
+            result = replace(
+                result,
+                retryable=False,
+                throttled=False,
+                throttled_until=None,
+                error=f"DELIVERY_OUTCOME_UNKNOWN: the request may have reached the channel ({said}), and this "
+                f"channel cannot take a request twice, so it is not sent again by itself. {CHECK_THEN_REDRIVE}",
+            )
+        window = None if safety.key_lifetime is None else max(safety.key_lifetime - RESEND_MARGIN, 0.0)
+        return cls.of(job, result, maybe_sent=maybe_sent, resend_window=window, delay=delay)
 
     @classmethod
     def release(cls, job: ClaimedJob, error: str, delay: float = RELEASE_DELAY) -> Outcome:
@@ -190,8 +283,8 @@ class Worker:
         self._outcome_added = anyio.Event()
         self._delivering = False
         # The attempts this worker claimed and has not recorded, whose leases its heartbeat
-        # renews: job id -> attempt number.
-        self._held: dict[UUID, int] = {}
+        # renews: job id -> claim token.
+        self._held: dict[UUID, UUID | None] = {}
         self._missed: set[UUID] = set()  # held attempts the last renewal did not renew
         self._flushed = anyio.Event()
         # The deliveries in flight, so that a cancelled plan can stop them.
@@ -252,9 +345,10 @@ class Worker:
         """Renew this worker's row and the leases of the attempts it holds, in one statement.
 
         Returns the attempts it turned out to have lost (their lease ran out and they were
-        rescued): it stops renewing them, and their late results cannot move their jobs. An
-        attempt is judged lost when two renewals in a row miss it: one renewal alone also misses
-        an attempt whose outcome is being written at that moment, which is not lost at all.
+        rescued): it stops renewing them, never starts those it had not started, and their late
+        results cannot move their jobs. An attempt is judged lost when two renewals in a row miss
+        it: one renewal alone also misses an attempt whose outcome is being written at that
+        moment, which is not lost at all.
         """
         held = dict(self._held)
         rows = await self.pool.fetch(
@@ -278,7 +372,17 @@ class Worker:
             del self._held[job_id]
         if lost:
             log.warning("worker %s lost the lease of %d attempt(s); another worker may have them", self.name, len(lost))
+            self._drop_unstarted(lost)
         return lost
+
+    def _drop_unstarted(self, lost: set[UUID]) -> None:
+        """Forget claimed jobs not yet started whose claim another worker may now hold: nothing is
+        sent and nothing is written for them."""
+        dropped = [job for job in self._ready if job.id in lost]
+        if dropped:
+            self._ready = deque(job for job in self._ready if job.id not in lost)
+            self._cancelled_before_start -= lost
+            self._forget(len(dropped))
 
     async def _prune_periodically(self) -> None:
         """Delete what retention no longer keeps, and the rows of workers long silent (killed).
@@ -374,7 +478,7 @@ class Worker:
             return []
         rows = await self.pool.fetch(queries.CLAIM_JOBS, limit, float(self.settings.lease_seconds), self.name)
         jobs = [ClaimedJob.from_row(row) for row in rows]
-        self._held.update((job.id, job.attempt) for job in jobs)
+        self._held.update((job.id, job.claim_token) for job in jobs)
         if entitled := [job for job in jobs if job.entitlement_id is not None]:
             await self._log_decisions(entitled)
         return jobs
@@ -397,7 +501,9 @@ class Worker:
 
     async def rescue(self) -> int:
         """Requeue (or end) attempts whose lease ran out. Returns how many were rescued."""
-        rescued = await self.pool.fetch(queries.RESCUE_EXPIRED_LEASES, RESCUE_BATCH, UNKNOWN_OUTCOME, TARGET_INACTIVE)
+        rescued = await self.pool.fetch(
+            queries.RESCUE_EXPIRED_LEASES, RESCUE_BATCH, UNKNOWN_OUTCOME, TARGET_INACTIVE, SENDING_WHEN_LOST
+        )
         if rescued:
             log.warning("rescued %d attempt(s) whose worker stopped responding", len(rescued))
         return len(rescued)
@@ -408,7 +514,8 @@ class Worker:
         outcomes: list[Outcome] = []
 
         async def attempt(job: ClaimedJob) -> None:
-            outcomes.append(await self.attempt(job))
+            if (done := await self.attempt(job)) is not None:
+                outcomes.append(done)
 
         async with anyio.create_task_group() as deliveries:
             for job in jobs:
@@ -442,6 +549,10 @@ class Worker:
                 await self._job_ready.wait()
                 continue
             job = self._ready.popleft()
+            if self._held.get(job.id) != job.claim_token:
+                # Its lease was lost before it started (heartbeat): another worker may hold it.
+                self._forget(1)
+                continue
             if job.id in self._cancelled_before_start:
                 self._cancelled_before_start.discard(job.id)
                 # Released: no attempt was made, so none is counted and no receipt is written.
@@ -469,7 +580,11 @@ class Worker:
     def _released(self, outcomes: list[Outcome]) -> None:
         # Claims cannot outrun the writes: a crash leaves at most 2 * (concurrency + batch)
         # attempts unrecorded.
-        self._holding -= len(outcomes)
+        self._forget(len(outcomes))
+
+    def _forget(self, jobs: int) -> None:
+        """``jobs`` claimed jobs are off this worker's hands: written, or no longer its own."""
+        self._holding -= jobs
         if self._holding == 0:
             self._idle.set()
         if self._claim_size():
@@ -483,15 +598,29 @@ class Worker:
                 done = await self.attempt(job)
             if scope.cancelled_caught:  # its plan was cancelled: cancel_in_flight()
                 error = f"Cancelled in flight: {delivery_progress.get().value}."
-                done = Outcome(job, DeliveryResult(succeeded=False, error=error), retry_delay=0.0)
+                done = self._judged(job, DeliveryResult(succeeded=False, error=error), delay=0.0)
         except anyio.get_cancelled_exc_class():
+            # Past the shutdown grace: recorded as interrupted, and tried again only if the channel
+            # can take it twice or it was not sent.
             interrupted = DeliveryResult(succeeded=False, retryable=True, error=INTERRUPTED)
-            self._finished(Outcome(job, interrupted, retry_delay=0.0))
+            self._finished(self._judged(job, interrupted, delay=0.0))
             raise
         finally:
             self._cancellable.pop(job.id, None)
             delivery_progress.reset(progress)
+        if done is None:
+            self._forget(1)  # the claim was no longer this worker's: nothing sent, nothing to write
+            return
         self._finished(done)
+
+    def _judged(self, job: ClaimedJob, result: DeliveryResult, *, delay: float) -> Outcome:
+        return Outcome.judged(job, result, self._resend_safety(job), delivery_progress.get(), delay=delay)
+
+    def _resend_safety(self, job: ClaimedJob) -> ResendSafety:
+        try:
+            return self.runtime.adapters.get(job.channel_type).resend
+        except DistributionError:
+            return Adapter.resend  # an unknown channel: assume the worst
 
     def cancel_in_flight(self, job_id: UUID) -> bool:
         """Stop the delivery of a job whose plan was cancelled; it is recorded as cancelled."""
@@ -584,10 +713,13 @@ class Worker:
             # rescue() requeues the attempt with a receipt.
             log.exception("job %s attempt %d is left to lease expiry", outcome.job.id, outcome.job.attempt)
 
-    async def attempt(self, job: ClaimedJob) -> Outcome:
-        """Deliver one claimed job; never raises."""
+    async def attempt(self, job: ClaimedJob) -> Outcome | None:
+        """Deliver one claimed job; never raises. None when the claim turned out not to be this
+        worker's any more (a channel that cannot take a request twice checks just before sending):
+        nothing was sent, and nothing is to be written."""
+        delivery_progress.set(Progress.NOT_SENT)  # the caller's context keeps what it had (_process)
         if job.denied is not None:
-            return Outcome.of(job, DeliveryResult(succeeded=False, error=ENTITLEMENT_GONE[job.denied]))
+            return Outcome.unsent(job, ENTITLEMENT_GONE[job.denied])
         try:
             secrets = (
                 self.runtime.secrets.decrypt(job.secret_ciphertext, bound_to=target_binding(job.target_id))
@@ -605,14 +737,36 @@ class Worker:
             return Outcome.release(
                 job, f"{exc.code}: worker {self.name} could not decrypt the target's secrets. {exc.remediation}"
             )
-        return Outcome.of(job, await self._deliver(job, secrets))
-
-    async def deliver(self, job: ClaimedJob) -> DeliveryResult:
-        return (await self.attempt(job)).result
-
-    async def _deliver(self, job: ClaimedJob, secrets: dict[str, str]) -> DeliveryResult:
         try:
             adapter = self.runtime.adapters.get(job.channel_type)
+        except DistributionError as exc:
+            return Outcome.unsent(job, f"{exc.code}: {exc.message}")
+        safety = adapter.resend
+        since = job.seconds_since_maybe_sent()
+        if safety.key_lifetime is not None and since is not None and since > safety.key_lifetime - RESEND_MARGIN:
+            return Outcome.unsent(job, RESEND_WINDOW_PASSED)
+        if safety.resend_is_unsafe:
+            try:
+                if await self.pool.fetchval(queries.MARK_SENDING, job.id, job.claim_token) is None:
+                    log.warning("worker %s: job %s is no longer its own; not sending it", self.name, job.id)
+                    return None
+            except Exception as exc:
+                await self._database_trouble(exc, "marking an attempt as sending")
+                return Outcome.release(job, "The database could not be reached before sending; nothing was sent.")
+        attempt = current_attempt.set(AttemptInfo(job.attempt, may_have_posted_before=since is not None))
+        try:
+            result = await self._deliver(job, adapter, secrets)
+        finally:
+            current_attempt.reset(attempt)
+        return Outcome.judged(job, result, safety, delivery_progress.get())
+
+    async def deliver(self, job: ClaimedJob) -> DeliveryResult:
+        done = await self.attempt(job)
+        assert done is not None, "the claim was lost"
+        return done.result
+
+    async def _deliver(self, job: ClaimedJob, adapter: Adapter, secrets: dict[str, str]) -> DeliveryResult:
+        try:
             target = DeliveryTarget(id=job.target_id, name=job.target_name, config=job.config, secrets=secrets)
             result = await adapter.deliver(job.payload, target, message_id=str(job.id))
         except DistributionError as exc:
@@ -656,14 +810,15 @@ class Worker:
             return {}
         if conn is not None:
             statuses = await self._record(outcomes, conn)
-        elif any(o.result.throttled or o.result.target_gone for o in outcomes):
+        elif any(o.result.throttled for o in outcomes):
             async with self.pool.acquire() as acquired, acquired.transaction():
                 statuses = await self._record(outcomes, acquired)
         else:
             statuses = await self._record(outcomes, self.pool)  # one statement: its own transaction
         for o in outcomes:
-            if self._held.get(o.job.id) == o.job.attempt:
+            if self._held.get(o.job.id) == o.job.claim_token:
                 del self._held[o.job.id]  # recorded: no lease left to renew
+        await self._after_record(outcomes)
         return statuses
 
     async def _record(self, outcomes: Sequence[Outcome], conn: asyncpg.Connection | asyncpg.Pool) -> dict[UUID, str]:
@@ -671,6 +826,7 @@ class Worker:
         rows = await conn.fetch(
             queries.RECORD_ATTEMPTS,
             [o.job.id for o in outcomes],
+            [o.job.claim_token for o in outcomes],
             [o.job.attempt for o in outcomes],
             [o.result.succeeded for o in outcomes],
             [storable(o.result.external_url) for o in outcomes],
@@ -681,18 +837,33 @@ class Worker:
             [o.retry_delay for o in outcomes],
             [o.released for o in outcomes],
             [until.get(o.job.target_id) if o.result.throttled else None for o in outcomes],
+            [o.maybe_sent for o in outcomes],
+            [o.resend_window for o in outcomes],
             TARGET_INACTIVE,
             float(self.settings.max_throttled_seconds),
             THROTTLED_TOO_LONG,
+            RESEND_WINDOW_PASSED,
         )
         statuses = {row["id"]: row["status"] for row in rows}
-        if gone := {o.job.target_id for o in outcomes if o.result.target_gone}:
-            log.warning("target(s) %s answered 410 Gone; deactivating them", ", ".join(map(str, gone)))
-            await conn.execute(queries.DEACTIVATE_GONE_TARGETS, list(gone), TARGET_GONE)
         for o in outcomes:
             if not o.result.succeeded:
                 log.info("job %s attempt %d -> %s: %s", o.job.id, o.job.attempt, statuses.get(o.job.id), o.result.error)
         return statuses
+
+    async def _after_record(self, outcomes: Sequence[Outcome]) -> None:
+        """What follows a batch once it is written, each in its own statement: a statement that
+        holds jobs must never wait for a target, and these lock targets first.
+
+        A target that answered 410 Gone is deactivated (its queued jobs fail). A success resets
+        its target's 429 back-off. If either is lost (a crash), the next delivery to the target
+        does it again.
+        """
+        if gone := sorted({o.job.target_id for o in outcomes if o.result.target_gone}):
+            log.warning("target(s) %s answered 410 Gone; deactivating them", ", ".join(map(str, gone)))
+            await self.pool.execute(queries.DEACTIVATE_GONE_TARGETS, gone, TARGET_GONE)
+        reset = {o.job.target_id for o in outcomes if o.result.succeeded and o.job.target_backing_off}
+        if backing_off := sorted(reset - {o.job.target_id for o in outcomes if o.result.throttled}):
+            await self.pool.execute(queries.RESET_TARGET_BACKOFF, backing_off)
 
     async def _throttle_targets(
         self, throttled: list[Outcome], conn: asyncpg.Connection | asyncpg.Pool

@@ -35,6 +35,9 @@ class FakeJsonApi:
     def post(self, path: str, headers: Message, raw: bytes) -> Reply:
         raise NotImplementedError
 
+    def get(self, path: str, headers: Message) -> Reply:
+        return Reply(404, {"error": "Not Found"})
+
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
@@ -61,6 +64,14 @@ class FakeJsonApi:
                 raw = self.rfile.read(int(self.headers.get("content-length") or 0))
                 with fake._lock:
                     reply = fake.post(self.path, self.headers, raw)
+                self._answer(reply)
+
+            def do_GET(self) -> None:
+                with fake._lock:
+                    reply = fake.get(self.path, self.headers)
+                self._answer(reply)
+
+            def _answer(self, reply: Reply) -> None:
                 if reply.hang:
                     fake._closing.wait(30)
                     return

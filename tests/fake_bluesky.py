@@ -4,9 +4,16 @@
 ``AuthenticationRequired``), ``refreshSession`` (the refresh JWT), and
 ``com.atproto.repo.createRecord`` for ``app.bsky.feed.post``: Bearer access JWT (an expired
 one answers 400 ``ExpiredToken``), the record checked as a PDS would (its ``$type``, at most
-300 graphemes and 3,000 bytes, each link facet's UTF-8 byte range covering its URI), a record
-key already used answering 400 ``InvalidRequest`` "Record already exists", and ``ratelimit-*``
-headers with 429 once the budget is spent. Errors are ``{"error", "message"}``.
+300 graphemes and 3,000 bytes, each link facet's UTF-8 byte range covering its URI), and
+``ratelimit-*`` headers with 429 once the budget is spent. Errors are ``{"error", "message"}``.
+
+A record key already used answers **HTTP 500 ``{"error": "InternalServerError", "message":
+"Internal Server Error"}``**, as the reference PDS does: its repo transactor hits the records
+table's unique key and the XRPC server turns the unhandled database error into a bare 500
+(bluesky-social/atproto issue 3718; indigo issue 873 reports the same of the Go PDS). Whether a
+record exists is what ``GET com.atproto.repo.getRecord?repo&collection&rkey`` is for: 200 with
+``{uri, cid, value}``, or 400 ``RecordNotFound`` "Could not locate record: <uri>" (the PDS's
+getRecord handler). It needs no session.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from email.message import Message
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import regex
 
@@ -37,6 +45,7 @@ class Account:
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
     drop_answers: int = 0
     creates: int = 0
+    reads: int = 0
 
     def expire_sessions(self) -> None:
         self.expired_access |= self.valid_access
@@ -94,17 +103,28 @@ class FakeBluesky(FakeJsonApi):
             return 400, _error("InvalidRequest", problem), False
         rkey = body["rkey"]
         if rkey in account.records:
-            return (
-                400,
-                _error("InvalidRequest", f"Record already exists at at://{DID}/app.bsky.feed.post/{rkey}"),
-                False,
-            )
+            return 500, _error("InternalServerError", "Internal Server Error"), False
         account.records[rkey] = record
         answer = {"uri": f"at://{DID}/app.bsky.feed.post/{rkey}", "cid": "bafyreib2rxk3rybloqtqwbo"}
         if account.drop_answers > 0:
             account.drop_answers -= 1
             return 0, {}, True
         return 200, answer, False
+
+
+    def get(self, path: str, headers: Message) -> Reply:
+        url = urlsplit(path)
+        if url.path != "/xrpc/com.atproto.repo.getRecord":
+            return Reply(404, _error("MethodNotImplemented", "Method Not Implemented"))
+        query = {key: values[0] for key, values in parse_qs(url.query).items()}
+        if not query.get("repo") or not query.get("collection") or not query.get("rkey"):
+            return Reply(400, _error("InvalidRequest", "Error: Params must have the properties repo, collection, rkey"))
+        uri = f"at://{query['repo']}/{query['collection']}/{query['rkey']}"
+        self.account.reads += 1
+        record = self.account.records.get(query["rkey"])
+        if query["repo"] != DID or query["collection"] != "app.bsky.feed.post" or record is None:
+            return Reply(400, _error("RecordNotFound", f"Could not locate record: {uri}"))
+        return Reply(200, {"uri": uri, "cid": "bafyreib2rxk3rybloqtqwbo", "value": record})
 
 
 def _invalid(body: dict[str, Any], record: dict[str, Any]) -> str | None:

@@ -3,10 +3,13 @@
 ``POST /api/v1/statuses`` (JSON or form) with ``Authorization: Bearer``: 401 ``{"error": "The
 access token is invalid"}`` for another token; 422 ``{"error": "Validation failed: Text character
 limit of N exceeded"}`` for a status over the limit (every http(s) URL counted as 23, as
-Mastodon counts); an ``Idempotency-Key`` seen before answers with the status it made then, and
-posts nothing; every answer carries ``X-RateLimit-Limit``, ``-Remaining`` and ``-Reset`` (ISO
-8601), and once the budget is spent, 429 ``{"error": "Too many requests"}``. It counts rather
-than reimplements our rules: its own length check is written here, not imported.
+Mastodon counts). An ``Idempotency-Key`` seen in the last hour answers with the status it made
+then, and posts nothing; one older than that is forgotten and the request posts again, as
+Mastodon's PostStatusService keeps the key with ``redis.setex(idempotency_key, 3_600,
+@status.id)`` once the status is made (``Instance.clock`` moves the fake's time). Every answer
+carries ``X-RateLimit-Limit``, ``-Remaining`` and ``-Reset`` (ISO 8601), and once the budget is
+spent, 429 ``{"error": "Too many requests"}``. It counts rather than reimplements our rules: its
+own length check is written here, not imported.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from urllib.parse import parse_qs
 from tests.fake_api import FakeJsonApi, Reply
 
 URL = re.compile(r"https?://\S+")
+KEY_LIFETIME = timedelta(seconds=3600)
 
 
 @dataclass
@@ -35,7 +39,13 @@ class Instance:
     drop_answers: int = 0
     statuses: list[dict[str, Any]] = field(default_factory=list)
     requests: list[dict[str, Any]] = field(default_factory=list)
-    by_key: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Idempotency key -> (the status it made, when).
+    by_key: dict[str, tuple[dict[str, Any], datetime]] = field(default_factory=dict)
+    # How far the fake's clock is ahead of the real one.
+    clock: timedelta = timedelta(0)
+
+    def now(self) -> datetime:
+        return datetime.now(UTC) + self.clock
 
 
 class FakeMastodon(FakeJsonApi):
@@ -72,7 +82,10 @@ class FakeMastodon(FakeJsonApi):
         instance.requests.append({"headers": lower, "form": form})
         key = lower.get("idempotency-key")
         if key and key in instance.by_key:
-            return 200, instance.by_key[key], False
+            made, at = instance.by_key[key]
+            if instance.now() - at < KEY_LIFETIME:
+                return 200, made, False
+            del instance.by_key[key]  # Redis let it expire
         text = str(form.get("status") or "")
         if not text.strip():
             return 422, {"error": "Validation failed: Text can't be blank"}, False
@@ -93,7 +106,7 @@ class FakeMastodon(FakeJsonApi):
         }
         instance.statuses.append({**status, "text": text})
         if key:
-            instance.by_key[key] = status
+            instance.by_key[key] = (status, instance.now())
         if instance.drop_answers > 0:
             instance.drop_answers -= 1
             return 0, {}, True

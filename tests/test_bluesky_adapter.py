@@ -1,6 +1,7 @@
 """The Bluesky channel against a faithful local PDS (tests/fake_bluesky.py): one login reused and
-refreshed, kept encrypted; link facets at UTF-8 byte offsets; and a record key per job, so a
-retry collides with its post instead of posting twice."""
+refreshed, kept encrypted; link facets at UTF-8 byte offsets; and a record key per job, read
+back before a job that may have posted is posted again (the PDS answers a key used twice with a
+bare 500), so a retry finds its post instead of posting twice or failing for ever."""
 
 from __future__ import annotations
 
@@ -77,7 +78,7 @@ async def test_an_expired_session_is_refreshed(service: DistributionService, wor
     assert (pds.account.sessions, pds.account.refreshes) == (2, 1)
 
 
-async def test_a_retry_after_a_lost_answer_collides_with_its_post_instead_of_posting_twice(
+async def test_a_retry_after_a_lost_answer_reads_its_post_back_instead_of_posting_again(
     service: DistributionService, worker: Worker, pds: FakeBluesky, db: asyncpg.Connection
 ) -> None:
     registered = await target(service, pds)
@@ -88,8 +89,49 @@ async def test_a_retry_after_a_lost_answer_collides_with_its_post_instead_of_pos
     assert job.status == "queued"
     await db.execute("UPDATE distribution_jobs SET next_attempt_at = now() WHERE id = $1", job.id)
     await worker.run_once()
+    done = await service.get_plan(PlanRef(plan_id=plan.id))
+    assert done.status == "succeeded"
+    # Looked before posting: one record, one create, and the URL of the post the first attempt made.
+    assert (pds.account.creates, pds.account.reads, len(pds.account.records)) == (1, 1, 1)
+    last = (await service.get_receipts(PlanRef(plan_id=plan.id))).receipts[-1]
+    assert last.succeeded and last.external_url.endswith("/post/" + record_key(str(job.id)))
+    assert last.raw_meta["foundExisting"] is True
+
+
+async def test_a_job_whose_post_exists_unbeknown_meets_the_pds_500_and_succeeds_with_the_post(
+    service: DistributionService, worker: Worker, pds: FakeBluesky, db: asyncpg.Connection
+) -> None:
+    """A redrive forgets what earlier attempts may have sent (someone checked); if the post is there
+    after all, the PDS answers the repeated key with a bare 500, and the record says the rest."""
+    registered = await target(service, pds)
+    plan = await publish(service, registered.id)
+    pds.account.drop_answers = 1
+    await worker.run_once()
+    [job] = (await service.get_plan(PlanRef(plan_id=plan.id))).jobs
+    await db.execute("UPDATE distribution_jobs SET status = 'failed', finished_at = now() WHERE id = $1", job.id)
+    assert await service.redrive(job_ids=[job.id]) == [job.id]
+    await worker.run_once()
     assert (await service.get_plan(PlanRef(plan_id=plan.id))).status == "succeeded"
-    assert pds.account.creates == 2 and len(pds.account.records) == 1
+    assert (pds.account.creates, pds.account.reads, len(pds.account.records)) == (2, 1, 1)
+    last = (await service.get_receipts(PlanRef(plan_id=plan.id))).receipts[-1]
+    assert last.succeeded and last.raw_meta["foundExisting"] is True
+
+
+async def test_a_rescued_attempt_is_read_back_before_it_is_posted_again(
+    service: DistributionService, worker: Worker, pds: FakeBluesky, db: asyncpg.Connection
+) -> None:
+    """A worker killed after the PDS made the post: its lease runs out, the job is rescued, and the
+    next attempt finds the post rather than meeting the 500 for ever."""
+    registered = await target(service, pds)
+    plan = await publish(service, registered.id)
+    [claimed] = await worker.claim(1)
+    pds.account.drop_answers = 1
+    await worker.attempt(claimed)  # the post is made; its answer lost; the worker "dies" before writing
+    await db.execute("UPDATE distribution_jobs SET lease_expires_at = now() - interval '1 second'")
+    assert await Worker(service.runtime, name="rescuer").rescue() == 1
+    await worker.run_once()
+    assert (await service.get_plan(PlanRef(plan_id=plan.id))).status == "succeeded"
+    assert (pds.account.creates, len(pds.account.records)) == (1, 1)
 
 
 async def test_a_wrong_app_password_fails_the_job_without_showing_it(

@@ -53,7 +53,7 @@ async def test_exhausted_attempts_leave_a_dead_letter_that_a_redrive_of_its_plan
     assert len(await service.redrive(plan_id=plan.id)) == 2
     requeued = await plan_of(service, plan.id)
     assert requeued.status == "running" and requeued.completed_at is None
-    assert all(job.status == "queued" and job.max_attempts == 2 + 8 for job in requeued.jobs)
+    assert all(job.status == "queued" and job.max_attempts == 2 + 8 for job in requeued.jobs), requeued.jobs
     await worker.run_once()
     done = await plan_of(service, plan.id)
     assert done.status == "succeeded" and [job.attempt for job in done.jobs] == [3, 3]

@@ -352,20 +352,6 @@ async def _true(value: object) -> bool:
     return bool(value)
 
 
-async def test_a_claim_commits_without_waiting_for_the_wal_flush_and_leaves_the_session_as_it_was(
-    service: DistributionService, receiver: WebhookReceiver, db: asyncpg.Connection
-) -> None:
-    await publish(service, [receiver.url])
-    async with db.transaction():
-        assert len(await db.fetch(queries.CLAIM_JOBS, 1, 30.0, "test")) == 1
-        # Read at commit: this transaction's commit will not wait for the flush.
-        assert await db.fetchval("SHOW synchronous_commit") == "off"
-    # Pooled connections are not reset on release, so the setting must end with the transaction.
-    assert await db.fetchval("SHOW synchronous_commit") == "on"
-    await db.fetch(queries.CLAIM_JOBS, 1, 30.0, "test")
-    assert await db.fetchval("SHOW synchronous_commit") == "on"
-
-
 async def test_await_plan_is_woken_again_after_the_listen_connection_is_lost(
     runtime: Runtime,
     service: DistributionService,

@@ -932,6 +932,17 @@ async def test_an_upgrade_from_version_1_keeps_every_row(new_database: Callable[
             )
             assert owned == rows > 0, f"{table}.{column}: {rows - owned} of {rows} rows are not the default owner's"
         added = [row for row in added if row["column_name"] not in owners]
+        # And the claim tokens 0013 gave the jobs running then, claimed when they were last updated.
+        running = await upgraded.fetch(
+            "SELECT claim_token, claimed_at, updated_at FROM distribution_jobs WHERE status = 'running'"
+        )
+        assert running and all(row["claim_token"] and row["claimed_at"] == row["updated_at"] for row in running)
+        claimed = {("distribution_jobs", "claim_token"), ("distribution_jobs", "claimed_at")}
+        assert not await upgraded.fetchval(
+            "SELECT count(*) FROM distribution_jobs WHERE status <> 'running' AND (claim_token IS NOT NULL OR "
+            "claimed_at IS NOT NULL)"
+        )
+        added = [row for row in added if (row["table_name"], row["column_name"]) not in claimed]
         for table, column, default in added:
             differing = await upgraded.fetchval(
                 f"SELECT count(*) FROM {quoted(table)} WHERE {quoted(column)} IS DISTINCT FROM ({default or 'NULL'})"

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from uuid import UUID
 
@@ -66,6 +66,48 @@ class DeliveryResult:
     throttled_until: datetime | None = None
     # The channel says the destination no longer exists (410 Gone): the target is deactivated.
     target_gone: bool = False
+    # The channel answered that it did not act on the request (a refusal such as a 4xx, or a
+    # throttle), so nothing was posted whatever the channel's resend safety. Left False, a request
+    # that went out is taken to have maybe reached the channel.
+    refused: bool = False
+
+
+@dataclass(frozen=True)
+class ResendSafety:
+    """How a channel keeps a second request for the same job from posting twice.
+
+    - ``idempotency_key``: the channel keeps the key each request carries (the job id) and answers
+      a repeat with the first result: Mastodon's ``Idempotency-Key`` (for ``key_lifetime``
+      seconds), a webhook's ``webhook-id``, a feed entry's guid. After the key may have expired, a
+      job that may have posted is never sent again by itself.
+    - ``collision_check``: the adapter checks, before re-posting, whether its earlier attempt
+      posted (Bluesky reads the record the job's record key names).
+    - ``none``: nothing can (X): an attempt that may have reached the channel is never sent again
+      by itself; it ends ``DELIVERY_OUTCOME_UNKNOWN`` for a person to check and redrive.
+    """
+
+    mechanism: Literal["idempotency_key", "collision_check", "none"]
+    key_lifetime: float | None = None  # seconds; None: as long as it matters
+
+    @property
+    def resend_is_unsafe(self) -> bool:
+        return self.mechanism == "none"
+
+
+@dataclass(frozen=True)
+class AttemptInfo:
+    """What an adapter may want to know about the attempt it is making."""
+
+    number: int = 1
+    # An earlier attempt of this job may have reached the channel (its answer was lost, or its
+    # worker died): a collision-checking channel looks before posting again.
+    may_have_posted_before: bool = False
+
+
+FIRST_ATTEMPT = AttemptInfo()
+
+# Set by the worker for each delivery.
+current_attempt: ContextVar[AttemptInfo] = ContextVar("current_attempt", default=FIRST_ATTEMPT)
 
 
 @dataclass(frozen=True)
@@ -126,6 +168,9 @@ class Adapter(ABC):
     secrets_model: ClassVar[type[BaseModel] | None] = None
     # Whether a target cannot work without secrets (a token); else they are optional.
     secrets_required: ClassVar[bool] = False
+    # How a resend of an attempt that may have posted is kept from posting twice. A channel that
+    # says nothing is taken to have no way: nothing that may have reached it is sent again.
+    resend: ClassVar[ResendSafety] = ResendSafety("none")
     # A channel's own limits (its API's rate limit, say), used when a target names none.
     default_max_concurrency: ClassVar[int | None] = None
     default_rate_per_minute: ClassVar[float | None] = None

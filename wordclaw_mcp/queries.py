@@ -292,17 +292,27 @@ WHERE id = $1 AND (SELECT count(*) FROM jobs) >= 0
 # of a target ($3), or listed by id ($1): the dead letters, driven again. Attempt numbers go
 # on from where they were, so every old receipt stays; the budget is what is added to
 # max_attempts ($4). Jobs of an inactive target are left failed: they could never be claimed.
+# A redrive is someone's word that the job may be sent again (they checked that an outcome
+# unknown did not post), so what an earlier attempt may have sent is forgotten.
 REDRIVE_JOBS = """
+WITH failed AS (
+    SELECT j.id
+    FROM distribution_jobs j JOIN distribution_targets t ON t.id = j.target_id
+    WHERE t.active AND j.status = 'failed'
+      AND (j.id = ANY ($1::uuid[]) OR j.plan_id = $2 OR j.target_id = $3)
+    ORDER BY j.id
+    FOR UPDATE OF j
+)
 UPDATE distribution_jobs j
 SET status = 'queued',
     max_attempts = j.attempt - j.throttles + $4,
     next_attempt_at = now(),
     throttled_since = NULL,
+    maybe_sent_at = NULL,
     finished_at = NULL,
     updated_at = now()
-FROM distribution_targets t
-WHERE t.id = j.target_id AND t.active AND j.status = 'failed'
-  AND (j.id = ANY ($1::uuid[]) OR j.plan_id = $2 OR j.target_id = $3)
+FROM failed
+WHERE j.id = failed.id AND j.status = 'failed'
 RETURNING j.id
 """
 
@@ -391,16 +401,11 @@ RETURNING {_ENTITLEMENT_COLUMNS}
 # distribution_jobs_claim_fresh, distribution_jobs_claim), and SKIP LOCKED lets workers claim
 # side by side.
 #
-# A claim commits asynchronously: it does not wait for its WAL to be flushed, which was where
-# claims spent most of their time under load (pg_stat_activity: IO:WALSync). Nothing is lost
-# that matters: a claim lost to a server crash only leaves its jobs queued, uncounted, to be
-# claimed again, as at-least-once allows; and the attempt's outcome is written with a normal,
-# durable commit, which flushes the claim's WAL before its own.
+# Each job gets a new claim token, which every later write about this attempt names. The claim
+# commits durably: a claim that a server crash could undo would let the job be claimed again
+# under the same attempt number while the first worker still delivers it.
 CLAIM_JOBS = """
-WITH async_commit AS MATERIALIZED (
-    -- This transaction's commit does not wait for the WAL to reach disk (see above).
-    SELECT set_config('synchronous_commit', 'off', true) AS synchronous_commit
-), locked_targets AS (
+WITH locked_targets AS (
     -- Targets with a limit, locked for this claim so that two workers never both fill the same
     -- room; one that another worker is claiming for is skipped this round.
     SELECT t.id, t.max_concurrency, t.rate_per_minute, t.rate_tokens, t.rate_updated_at
@@ -473,15 +478,22 @@ SET status = 'running',
     attempt = j.attempt + 1,
     lease_expires_at = now() + make_interval(secs => $2),
     locked_by = $3,
+    claim_token = gen_random_uuid(),
+    claimed_at = now(),
+    sending_at = NULL,
     updated_at = now()
 FROM distribution_targets t
 -- An array, not a join: the planner cannot size the computed LIMITs, and a join planned for
 -- its guess hashes the whole jobs table; ids in an array are fetched through the primary key.
 WHERE j.id = ANY (ARRAY(SELECT id FROM limited_jobs UNION ALL SELECT id FROM fresh UNION ALL SELECT id FROM rest))
   AND t.id = j.target_id
-  AND (SELECT synchronous_commit FROM async_commit) = 'off'
 RETURNING j.id, j.plan_id, j.target_id, j.attempt, j.max_attempts, j.priority, j.payload_snapshot,
           t.name AS target_name, t.channel_type, t.config_json AS config, t.secret_ciphertext, j.entitlement_id,
+          j.claim_token,
+          -- How long ago (on the database's clock) an attempt may first have reached the channel.
+          extract(epoch FROM now() - j.maybe_sent_at)::float8 AS maybe_sent_seconds_ago,
+          -- Whether a success should reset the target's 429 back-off (RESET_TARGET_BACKOFF).
+          t.throttle_backoff_seconds IS NOT NULL AS target_backing_off,
           -- The grant the job was allowed by, checked again now: revoked or expired since, it is
           -- not sent. Spent to the last (exhausted) is fine: this job's share was spent for it.
           CASE WHEN j.entitlement_id IS NOT NULL THEN (
@@ -508,19 +520,29 @@ JOIN distribution_targets t ON t.id = j.target_id
 
 # Transition: running -> queued | failed | cancelled for attempts whose lease ran out: the
 # worker was killed or lost its database. The attempt's outcome is unknown, so it counts, and
-# gets a receipt (unless its late result got there first).
+# gets a receipt (unless its late result got there first). Any rescued attempt may have reached
+# its channel, so maybe_sent_at is set from its claim's time; one that had begun sending to a
+# channel that cannot take a request twice (sending_at) ends failed, as it may have been posted.
+# $1 batch size, $2 the receipt's text, $3 last_error when the target was deactivated, $4 last_error
+# and receipt when the attempt may have been posted.
 RESCUE_EXPIRED_LEASES = """
 WITH lost AS (
     UPDATE distribution_jobs j
     SET status = CASE WHEN j.cancel_requested_at IS NOT NULL THEN 'cancelled'
-                      WHEN NOT t.active OR j.attempt - j.throttles >= j.max_attempts THEN 'failed'
+                      WHEN j.sending_at IS NOT NULL OR NOT t.active OR j.attempt - j.throttles >= j.max_attempts
+                          THEN 'failed'
                       ELSE 'queued' END,
         next_attempt_at = now(),
         lease_expires_at = NULL,
         locked_by = NULL,
-        last_error = CASE WHEN t.active OR j.cancel_requested_at IS NOT NULL THEN $2
+        claim_token = NULL,
+        sending_at = NULL,
+        maybe_sent_at = coalesce(j.maybe_sent_at, j.claimed_at, now()),
+        last_error = CASE WHEN j.cancel_requested_at IS NOT NULL THEN $2
+                          WHEN j.sending_at IS NOT NULL THEN $4
+                          WHEN t.active THEN $2
                           ELSE $3 END,
-        finished_at = CASE WHEN j.cancel_requested_at IS NULL AND t.active
+        finished_at = CASE WHEN j.cancel_requested_at IS NULL AND j.sending_at IS NULL AND t.active
                                 AND j.attempt - j.throttles < j.max_attempts
                            THEN NULL ELSE now() END,
         updated_at = now()
@@ -532,42 +554,57 @@ WITH lost AS (
         LIMIT $1
         FOR UPDATE SKIP LOCKED
     )
-    RETURNING j.id, j.attempt
+    RETURNING j.id, j.attempt, j.last_error
 )
 INSERT INTO distribution_receipts (job_id, attempt, succeeded, error_message)
-SELECT id, attempt, false, $2 FROM lost
+SELECT id, attempt, false, CASE WHEN last_error = $4 THEN $4 ELSE $2 END FROM lost
 ON CONFLICT (job_id, attempt) DO NOTHING
 RETURNING job_id
+"""
+
+# Durably, before a channel that cannot take a request twice (X) is sent this attempt: a rescue
+# then knows the attempt may have reached the channel. No row: the claim is no longer this
+# worker's (its lease ran out), so it must not send.
+MARK_SENDING = """
+UPDATE distribution_jobs SET sending_at = now()
+WHERE id = $1 AND claim_token = $2 AND status = 'running'
+RETURNING id
 """
 
 # Transition: running -> succeeded | queued (retry or throttled) | failed | cancelled, with each
 # attempt's receipt, for a batch of attempts in one statement (one commit, one trigger firing
 # per batch).
 #
-# Safe to repeat: when a commit's acknowledgement is lost the worker writes the batch again,
-# and (job_id, attempt) is unique, so the first receipt stays and the guards below miss.
-# A result whose job moved on (cancelled, or rescued and perhaps re-claimed) is late: it moves
-# nothing, except that a late success upgrades the rescue's "outcome unknown" receipt and ends
-# the job succeeded, because the content really was delivered and must not be sent again.
-# A released attempt (this worker cannot decrypt the target's secrets) sent nothing: it is
-# requeued without counting and without a receipt, for a worker that holds the right key.
-# A throttled attempt is requeued for when its target's suspension ends (THROTTLE_TARGETS,
-# in the same transaction, set it) and does not spend the budget: attempt - throttles is what
-# counts against max_attempts. A job throttled for longer than the limit fails.
-# A success resets its target's 429 back-off.
+# Every outcome names its claim: only the claim that holds the job moves it. A write repeated
+# after a lost commit acknowledgement, or a late result after a rescue (the job perhaps claimed
+# again since), meets a job that moved on: the first receipt stays ((job_id, attempt) is unique)
+# and nothing moves, except that a late success upgrades the rescue's "outcome unknown" receipt
+# and ends the job succeeded, because the content really was delivered and must not be sent
+# again.
+# A released attempt (never started) sent nothing: it is requeued without counting and without
+# a receipt. A throttled attempt is requeued for when its target's suspension ends
+# (THROTTLE_TARGETS, in the same transaction, set it) and does not spend the budget: attempt -
+# throttles is what counts against max_attempts. A job throttled for longer than the limit fails.
 #
-# Parallel arrays: $1 job ids, $2 attempts, $3 succeeded, $4 external URLs, $5 status codes,
-# $6 errors, $7 raw metadata, $8 retryable, $9 retry delays in seconds, $10 released,
-# $11 throttled until (null: not throttled).
-# $12 is last_error for a job failed because its target was deactivated; $13 the longest a job
-# may stay throttled, in seconds; $14 last_error for a job throttled longer than that.
+# An attempt that may have reached its channel sets maybe_sent_at (from its claim's time). On a
+# channel whose idempotency key lasts only so long (a resend window, in seconds), a retry is
+# scheduled no later than a minute before the window closes, and a retry that would fall after
+# that fails the job with DELIVERY_OUTCOME_UNKNOWN instead: sending it then could post twice.
+#
+# Parallel arrays: $1 job ids, $2 claim tokens, $3 attempts, $4 succeeded, $5 external URLs,
+# $6 status codes, $7 errors, $8 raw metadata, $9 retryable, $10 retry delays in seconds,
+# $11 released, $12 throttled until (null: not throttled), $13 may have reached the channel,
+# $14 resend windows in seconds (null: no limit).
+# $15 is last_error for a job failed because its target was deactivated; $16 the longest a job
+# may stay throttled, in seconds; $17 last_error for a job throttled longer than that; $18
+# last_error for a retry that would fall outside its resend window.
 RECORD_ATTEMPTS = """
 WITH outcome AS (
     SELECT *
-    FROM unnest($1::uuid[], $2::int[], $3::bool[], $4::text[], $5::int[], $6::text[], $7::jsonb[],
-                $8::bool[], $9::float8[], $10::bool[], $11::timestamptz[])
-        AS o (job_id, attempt, succeeded, external_url, status_code, error, raw_meta, retryable, delay,
-              released, throttled_until)
+    FROM unnest($1::uuid[], $2::uuid[], $3::int[], $4::bool[], $5::text[], $6::int[], $7::text[], $8::jsonb[],
+                $9::bool[], $10::float8[], $11::bool[], $12::timestamptz[], $13::bool[], $14::float8[])
+        AS o (job_id, claim_token, attempt, succeeded, external_url, status_code, error, raw_meta, retryable, delay,
+              released, throttled_until, maybe_sent, resend_window)
 ), receipt AS (
     INSERT INTO distribution_receipts AS r
         (job_id, attempt, succeeded, external_url, status_code, error_message, raw_meta)
@@ -580,39 +617,42 @@ WITH outcome AS (
 ), locked AS (
     -- Locked, in id order, before deciding: the decision reads the job's current state
     -- (a cancel request may have just committed), and batches never deadlock each other.
-    SELECT o.*, j.status AS job_status, j.attempt AS job_attempt, j.max_attempts, j.throttles,
+    SELECT o.*, j.status AS job_status, j.claim_token AS job_claim_token, j.max_attempts, j.throttles,
            j.throttled_since, j.cancel_requested_at IS NOT NULL AS cancel_requested, t.active AS target_active,
-           t.id AS target_id, t.throttle_backoff_seconds
+           j.attempt AS job_attempt,
+           -- When a resend may last be sent, for a channel whose idempotency key expires.
+           coalesce(j.maybe_sent_at, CASE WHEN o.maybe_sent THEN j.claimed_at END)
+               + make_interval(secs => o.resend_window) AS window_ends
     FROM outcome o
     JOIN distribution_jobs j ON j.id = o.job_id
     JOIN distribution_targets t ON t.id = j.target_id
     ORDER BY j.id
     FOR UPDATE OF j
+), timed AS (
+    SELECT *, job_status = 'running' AND job_claim_token = claim_token AS on_time,
+           coalesce(throttled_since, now()) < now() - make_interval(secs => $16) AS too_long,
+           least(now() + make_interval(secs => delay), window_ends - interval '1 minute') AS retry_at
+    FROM locked
+), windowed AS (
+    SELECT *, retry_at >= now() AS in_window, job_attempt - throttles < max_attempts AS budget_left FROM timed
 ), decided AS (
-    SELECT job_id, error, delay, released AND on_time AS released, on_time, throttled_until,
+    SELECT job_id, error, retry_at, maybe_sent, released AND on_time AS released, on_time, throttled_until,
            CASE WHEN NOT on_time THEN CASE WHEN succeeded AND job_status <> 'succeeded' THEN 'succeeded' END
                 WHEN succeeded THEN 'succeeded'
                 WHEN cancel_requested THEN 'cancelled'
                 WHEN NOT target_active THEN 'failed'
                 WHEN released THEN 'queued'
                 WHEN throttled_until IS NOT NULL THEN CASE WHEN too_long THEN 'failed' ELSE 'queued' END
-                WHEN retryable AND job_attempt - throttles < max_attempts THEN 'queued'
+                WHEN retryable AND budget_left AND in_window THEN 'queued'
                 ELSE 'failed' END AS status,
            CASE WHEN NOT on_time OR succeeded OR cancel_requested THEN NULL
-                WHEN NOT target_active THEN $12
-                WHEN throttled_until IS NOT NULL AND too_long THEN $14
+                WHEN NOT target_active THEN $15
+                WHEN released THEN NULL
+                WHEN throttled_until IS NOT NULL THEN CASE WHEN too_long THEN $17 END
+                WHEN retryable AND budget_left AND NOT in_window THEN $18
            END AS reason,
            on_time AND throttled_until IS NOT NULL AND NOT succeeded AS throttled
-    FROM (
-        SELECT *, job_status = 'running' AND job_attempt = attempt AS on_time,
-               coalesce(throttled_since, now()) < now() - make_interval(secs => $13) AS too_long
-        FROM locked
-    ) l
-), backoff_reset AS (
-    UPDATE distribution_targets t
-    SET throttle_backoff_seconds = NULL
-    WHERE t.id IN (SELECT target_id FROM locked WHERE succeeded AND throttled_until IS NULL)
-      AND t.throttle_backoff_seconds IS NOT NULL
+    FROM windowed
 )
 UPDATE distribution_jobs j
 SET status = d.status,
@@ -621,10 +661,14 @@ SET status = d.status,
     throttled_since = CASE WHEN d.throttled THEN coalesce(j.throttled_since, now()) END,
     next_attempt_at = CASE WHEN d.status <> 'queued' THEN j.next_attempt_at
                            WHEN d.throttled THEN d.throttled_until
-                           ELSE now() + make_interval(secs => d.delay) END,
+                           ELSE d.retry_at END,
     last_error = CASE WHEN d.reason IS NOT NULL THEN d.reason WHEN d.on_time THEN d.error END,
+    maybe_sent_at = CASE WHEN d.on_time AND d.maybe_sent THEN coalesce(j.maybe_sent_at, j.claimed_at)
+                         ELSE j.maybe_sent_at END,
     lease_expires_at = NULL,
     locked_by = NULL,
+    claim_token = NULL,
+    sending_at = NULL,
     finished_at = CASE WHEN d.status = 'queued' THEN NULL ELSE now() END,
     updated_at = now()
 FROM decided d
@@ -632,11 +676,23 @@ WHERE j.id = d.job_id AND d.status IS NOT NULL
 RETURNING j.id, j.status
 """
 
+# A success resets its target's 429 back-off. Its own statement, after the outcome is written:
+# a statement that holds jobs must never wait for a target (the lock order is targets, then jobs).
+RESET_TARGET_BACKOFF = """
+UPDATE distribution_targets SET throttle_backoff_seconds = NULL
+WHERE id IN (
+    SELECT id FROM distribution_targets
+    WHERE id = ANY ($1::uuid[]) AND throttle_backoff_seconds IS NOT NULL
+    ORDER BY id
+    FOR UPDATE
+)
+"""
+
 # Suspend the targets that throttled a batch of attempts, before RECORD_ATTEMPTS requeues their
-# jobs, in the same transaction. A named time (Retry-After, a rate-limit reset) is kept as
-# given; a 429 that names none doubles the target's back-off, from 1 s up to $3 seconds.
-# Returns when each target may be tried again. Parallel arrays: $1 target ids, $2 seconds
-# (null: back off).
+# jobs, in the same transaction: targets first, in id order, then the jobs. A named time
+# (Retry-After, a rate-limit reset) is kept as given; a 429 that names none doubles the target's
+# back-off, from 1 s up to $3 seconds. Returns when each target may be tried again. Parallel
+# arrays: $1 target ids, $2 seconds (null: back off).
 THROTTLE_TARGETS = """
 WITH asked AS (
     SELECT target_id, max(seconds) AS seconds, bool_or(seconds IS NULL) AS back_off
@@ -647,6 +703,8 @@ WITH asked AS (
            least(coalesce(t.throttle_backoff_seconds * 2, 1), $3) AS backoff,
            a.seconds
     FROM asked a JOIN distribution_targets t ON t.id = a.target_id
+    ORDER BY t.id
+    FOR UPDATE OF t
 )
 UPDATE distribution_targets t
 SET throttle_backoff_seconds = CASE WHEN w.back_off THEN w.backoff ELSE t.throttle_backoff_seconds END,
@@ -662,33 +720,48 @@ RETURNING t.id, t.suspended_until
 
 # A target that answered 410 Gone is deactivated, and its queued jobs fail with TARGET_GONE
 # ($2) in the same statement (before the deactivation trigger would call them TARGET_INACTIVE).
+# Its own transaction, after the outcome that said so is written: targets first, then jobs in id
+# order.
 DEACTIVATE_GONE_TARGETS = """
 WITH gone AS (
     UPDATE distribution_targets SET active = false, updated_at = now()
-    WHERE id = ANY ($1::uuid[]) AND active
+    WHERE id IN (SELECT id FROM distribution_targets WHERE id = ANY ($1::uuid[]) AND active ORDER BY id FOR UPDATE)
     RETURNING id
+), queued AS (
+    SELECT id FROM distribution_jobs
+    WHERE target_id IN (SELECT id FROM gone) AND status = 'queued'
+    ORDER BY id
+    FOR UPDATE
 )
 UPDATE distribution_jobs
 SET status = 'failed', last_error = $2, finished_at = now(), updated_at = now()
-WHERE target_id IN (SELECT id FROM gone) AND status = 'queued'
+WHERE id IN (SELECT id FROM queued)
 """
 
 # --- leases and workers -------------------------------------------------------------------------
 
 # A worker's heartbeat, one statement: its row in workers, and the leases of the attempts it
-# holds, given as parallel arrays of job ids ($1) and attempt numbers ($2). A lease it no
-# longer holds (rescued, and perhaps claimed by another worker) is not returned; one whose plan
-# was cancelled says so, in case the notification was lost.
+# holds, given as parallel arrays of job ids ($1) and claim tokens ($2). A lease it no longer
+# holds (rescued, and perhaps claimed by another worker) is not returned; one whose plan was
+# cancelled says so, in case the notification was lost. The jobs are locked in id order, as
+# every statement locks them.
 HEARTBEAT = """
 WITH me AS (
     INSERT INTO workers (name, host, pid, concurrency)
     VALUES ($3, $4, $5, $6)
     ON CONFLICT (name) DO UPDATE SET heartbeat_at = now(), concurrency = excluded.concurrency
+), held AS (
+    SELECT j.id
+    FROM unnest($1::uuid[], $2::uuid[]) AS h (id, claim_token)
+    JOIN distribution_jobs j ON j.id = h.id
+    WHERE j.claim_token = h.claim_token AND j.status = 'running'
+    ORDER BY j.id
+    FOR NO KEY UPDATE OF j
 )
 UPDATE distribution_jobs j
 SET lease_expires_at = now() + make_interval(secs => $7)
-FROM unnest($1::uuid[], $2::int[]) AS held (id, attempt)
-WHERE j.id = held.id AND j.attempt = held.attempt AND j.status = 'running' AND j.locked_by = $3
+FROM held
+WHERE j.id = held.id
 RETURNING j.id, j.cancel_requested_at IS NOT NULL AS cancel_requested
 """
 

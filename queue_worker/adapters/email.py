@@ -22,6 +22,7 @@ from wordclaw_mcp.adapters import (
     DeliveryResult,
     DeliveryTarget,
     Progress,
+    ResendSafety,
     attribution,
     canonical_link,
     delivery_progress,
@@ -86,6 +87,9 @@ class EmailAdapter(Adapter):
     channel_type = "email"
     config_model = EmailConfig
     secrets_model = EmailSecrets
+    # SMTP keeps no idempotency key: a message whose end of DATA went unanswered may have been
+    # accepted, and sending it again would mail every recipient twice.
+    resend = ResendSafety("none")
 
     async def check_target(self, config: BaseModel) -> None:
         assert isinstance(config, EmailConfig)
@@ -133,11 +137,12 @@ class EmailAdapter(Adapter):
             tls_context=self._tls(),
             timeout=self.options.timeout,
         )
-        delivery_progress.set(Progress.MAYBE_SENT)
         try:
             async with smtp:
                 if config.username:
                     await smtp.login(config.username, password or "")
+                # Only from here on can the server have accepted the message.
+                delivery_progress.set(Progress.MAYBE_SENT)
                 _errors, response = await smtp.send_message(message, sender=config.from_address, recipients=recipients)
         except aiosmtplib.SMTPResponseException as exc:
             said = redaction.scrub(f"{exc.code} {exc.message}", [password or ""])
@@ -147,6 +152,7 @@ class EmailAdapter(Adapter):
                 retryable=400 <= exc.code < 500,
                 error=f"The SMTP server answered {said}",
                 raw_meta={"messageId": mid},
+                refused=True,  # a server takes a message only by answering 250 to its end
             )
         except aiosmtplib.SMTPRecipientsRefused as exc:
             codes = [error.code for error in exc.recipients]
@@ -156,6 +162,7 @@ class EmailAdapter(Adapter):
                 retryable=all(400 <= code < 500 for code in codes),
                 error=f"The SMTP server refused every recipient ({', '.join(map(str, codes))}).",
                 raw_meta={"messageId": mid},
+                refused=True,
             )
         except (aiosmtplib.SMTPException, OSError) as exc:
             said = redaction.scrub(str(exc), [password or ""])

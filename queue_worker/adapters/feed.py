@@ -15,7 +15,15 @@ from feedgen.feed import FeedGenerator
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
 from pydantic.alias_generators import to_camel
 
-from wordclaw_mcp.adapters import Adapter, DeliveryResult, DeliveryTarget, attribution, canonical_link, render_body
+from wordclaw_mcp.adapters import (
+    Adapter,
+    DeliveryResult,
+    DeliveryTarget,
+    ResendSafety,
+    attribution,
+    canonical_link,
+    render_body,
+)
 from wordclaw_mcp.errors import DistributionError
 from wordclaw_mcp.models import ContentItem, TransformPolicy
 
@@ -40,6 +48,8 @@ class FeedConfig(BaseModel):
 
 class FeedAdapter(Adapter):
     config_model = FeedConfig
+    # A redelivery replaces the item's entry (its guid is the key, kept in our own database).
+    resend = ResendSafety("idempotency_key")
     feed_format: ClassVar[str]  # "rss" or "atom"
 
     async def check_target(self, config: BaseModel) -> None:

@@ -12,6 +12,7 @@ from wordclaw_mcp import http, ratelimit, redaction
 from wordclaw_mcp.adapters import (
     DeliveryResult,
     DeliveryTarget,
+    ResendSafety,
 )
 
 from .social import SocialAdapter, unsent
@@ -44,6 +45,9 @@ class MastodonAdapter(SocialAdapter):
     default_rate_per_minute = 30.0
     counting = "mastodon"
     text_field = "status"
+    # Mastodon answers a repeated Idempotency-Key with the status it made, but keeps the key for an
+    # hour only (a Redis setex of 3,600 s in its PostStatusService).
+    resend = ResendSafety("idempotency_key", key_lifetime=3600.0)
 
     def channel_limit(self, config: dict[str, Any]) -> int:
         return int(config.get("maxCharacters") or DEFAULT_MAX_CHARACTERS)
@@ -110,4 +114,7 @@ def _outcome(answer: http.Answer, token: str, *, elapsed_ms: int) -> DeliveryRes
         raw_meta={**meta, "responseBody": redaction.scrub(answer.text, [token])},
         throttled=throttled,
         throttled_until=until,
+        # A 4xx is Mastodon refusing the request (Rack::Attack throttles before the controller,
+        # and validation fails before a status is made); a 5xx may come after the status was made.
+        refused=400 <= answer.status < 500,
     )

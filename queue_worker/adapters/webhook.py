@@ -21,6 +21,7 @@ from wordclaw_mcp.adapters import (
     Adapter,
     DeliveryResult,
     DeliveryTarget,
+    ResendSafety,
     SealedConfig,
     render_content,
 )
@@ -110,6 +111,9 @@ class WebhookAdapter(Adapter):
     channel_type = "webhook"
     config_model = WebhookConfig
     secrets_model = WebhookSecrets
+    # Every attempt of a job carries the job id as webhook-id, which Standard Webhooks receivers
+    # keep to deduplicate redeliveries.
+    resend = ResendSafety("idempotency_key")
 
     async def check_target(self, config: BaseModel) -> None:
         assert isinstance(config, WebhookConfig)

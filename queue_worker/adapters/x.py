@@ -17,6 +17,7 @@ from wordclaw_mcp import http, ratelimit, redaction
 from wordclaw_mcp.adapters import (
     DeliveryResult,
     DeliveryTarget,
+    ResendSafety,
 )
 
 from .social import SocialAdapter, unsent
@@ -47,6 +48,8 @@ class XAdapter(SocialAdapter):
     secrets_model = XSecrets
     secrets_required = True
     counting = "x"
+    # X has no idempotency key, and nothing to look a post up by before it has an id.
+    resend = ResendSafety("none")
 
     async def deliver(
         self, payload: dict[str, Any], target: DeliveryTarget, *, message_id: str | None = None
@@ -99,14 +102,22 @@ def _outcome(answer: http.Answer, token: str, *, elapsed_ms: int) -> DeliveryRes
     if 200 <= answer.status < 300:
         # A success without a post id: whether a post was made is not known, and X has no key.
         error = OUTCOME_UNKNOWN.format(reason=f"HTTP {answer.status} without a post id")
+    elif answer.status >= 500:
+        # X documents its 5xx as trouble inside its own stack (500 "something is broken", 503
+        # "overloaded", 504 "the request couldn't be serviced due to some failure within the
+        # internal stack"), never as "nothing was posted": a gateway's 504, say, can come while
+        # the post is being made behind it. With no idempotency key, a resend could post twice.
+        error = OUTCOME_UNKNOWN.format(reason=f"X answered HTTP {answer.status}: {said or answer.reason or 'no body'}")
     return DeliveryResult(
         succeeded=False,
         status_code=answer.status,
         error=redaction.scrub(error, [token]),
-        # A 5xx answer is X saying it did not post; a 429 is a throttle, tried again after it.
-        retryable=answer.status >= 500 or answer.status == 429,
+        # A 429 is a throttle, tried again after it; anything else is final.
+        retryable=answer.status == 429,
         retry_after=ratelimit.retry_after(answer.headers.get("retry-after")),
         raw_meta={**meta, "responseBody": redaction.scrub(answer.text, [token])},
-        throttled=throttled,
-        throttled_until=until,
+        throttled=throttled and answer.status == 429,
+        throttled_until=until if answer.status == 429 else None,
+        # A 4xx is X refusing the request (a throttle, a duplicate, a bad token): nothing was posted.
+        refused=400 <= answer.status < 500,
     )
