@@ -20,6 +20,8 @@ class Reply:
     drop: bool = False
     # Never answer, until the fake closes: a lost answer as a client with a deadline sees it.
     hang: bool = False
+    # Answer this many seconds later (outside the fake's lock, so others are served meanwhile).
+    delay: float = 0.0
 
 
 class FakeJsonApi:
@@ -72,6 +74,8 @@ class FakeJsonApi:
                 self._answer(reply)
 
             def _answer(self, reply: Reply) -> None:
+                if reply.delay and fake._closing.wait(reply.delay):
+                    return
                 if reply.hang:
                     fake._closing.wait(30)
                     return

@@ -37,6 +37,11 @@ class Instance:
     reset_in: timedelta = timedelta(minutes=5)
     # Make the status, then close the connection without answering: a lost answer.
     drop_answers: int = 0
+    # Make the status, keep its key, then answer this 5xx: post-processing failed after the status
+    # was made (PostStatusService keeps the key right after process_status!, before post-processing).
+    error_after_posting: int | None = None
+    # Answer this 5xx without reaching the instance, as its reverse proxy does when it is down.
+    unavailable: int | None = None
     statuses: list[dict[str, Any]] = field(default_factory=list)
     requests: list[dict[str, Any]] = field(default_factory=list)
     # Idempotency key -> (the status it made, when).
@@ -68,6 +73,8 @@ class FakeMastodon(FakeJsonApi):
     def _post(self, path: str, headers: dict[str, str], raw: bytes) -> tuple[int, dict[str, Any], bool]:
         instance = self.instance
         lower = {name.lower(): value for name, value in headers.items()}
+        if instance.unavailable:
+            return instance.unavailable, {"error": "Bad Gateway"}, False
         if path != "/api/v1/statuses":
             return 404, {"error": "Record not found"}, False
         if lower.get("authorization") != f"Bearer {instance.token}":
@@ -110,4 +117,6 @@ class FakeMastodon(FakeJsonApi):
         if instance.drop_answers > 0:
             instance.drop_answers -= 1
             return 0, {}, True
+        if instance.error_after_posting:
+            return instance.error_after_posting, {"error": "We're sorry, but something went wrong on our end."}, False
         return 200, status, False

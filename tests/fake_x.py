@@ -5,7 +5,12 @@
 ``type``, ``status``), 403 for a duplicate of an earlier post; 400 for a text over 280 (ASCII
 counted plainly, URLs as 23: the tests' texts are ASCII); every answer carries
 ``x-rate-limit-limit``, ``-remaining`` and ``-reset`` (Unix seconds), and a spent budget answers
-429. ``hang`` makes the post and then never answers, as a lost answer looks to the client.
+429. ``hang`` makes the post and then never answers, as a lost answer looks to the client;
+``answer_after`` makes the post and answers that many seconds later (a slow API, during which a
+worker can die with the post made); ``error_after_posting`` makes the post and answers with that
+5xx, as a gateway that timed out in front of a backend that went on does (X's response-code
+documentation: 504 "the request couldn't be serviced due to some failure within the internal
+stack").
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from email.message import Message
+from http import HTTPStatus
 from typing import Any
 
 from tests.fake_api import FakeJsonApi, Reply
@@ -28,8 +34,12 @@ class Account:
     remaining: int = 100
     reset_in: float = 900.0
     hang: bool = False
+    answer_after: float = 0.0
+    error_after_posting: int | None = None
     posts: list[dict[str, Any]] = field(default_factory=list)
     requests: int = 0
+    # The text of every post asked for, duplicates and refusals included.
+    asked: list[str] = field(default_factory=list)
 
 
 class FakeX(FakeJsonApi):
@@ -47,7 +57,11 @@ class FakeX(FakeJsonApi):
             "x-rate-limit-remaining": str(max(account.remaining, 0)),
             "x-rate-limit-reset": str(int(time.time() + account.reset_in)),
         }
-        return Reply(status, body, rate, hang=account.hang and status == 201)
+        posted = status == 201
+        if posted and account.error_after_posting:
+            status = account.error_after_posting
+            body = _problem(status, HTTPStatus(status).phrase, HTTPStatus(status).description)
+        return Reply(status, body, rate, hang=account.hang and posted, delay=account.answer_after if posted else 0.0)
 
     def _post(self, path: str, authorization: str | None, raw: bytes) -> tuple[int, dict[str, Any]]:
         account = self.account
@@ -60,6 +74,7 @@ class FakeX(FakeJsonApi):
             return 429, _problem(429, "Too Many Requests", "Too Many Requests")
         account.remaining -= 1
         text = str(json.loads(raw).get("text") or "")
+        account.asked.append(text)
         if len(URL.sub("x" * 23, text)) > 280:
             return 400, {
                 "errors": [{"parameters": {"text": [text]}, "message": "Your Tweet text is too long."}],

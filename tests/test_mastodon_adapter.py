@@ -95,6 +95,65 @@ async def test_a_retry_after_a_lost_answer_reuses_its_idempotency_key_and_posts_
     assert len(mastodon.instance.statuses) == 1, "posted twice"
 
 
+async def test_after_its_key_may_have_expired_a_job_that_may_have_posted_is_not_sent_again(
+    service: DistributionService, worker: Worker, mastodon: FakeMastodon, db: asyncpg.Connection
+) -> None:
+    """Mastodon keeps an Idempotency-Key for an hour. A retry later than that (a long throttle, a
+    slow queue) would post again, so it ends DELIVERY_OUTCOME_UNKNOWN instead, unsent."""
+    item, target = await item_and_target(service, mastodon)
+    created = await plan(service, item.id, target.id)
+    mastodon.instance.drop_answers = 1  # the status is made, the answer never arrives
+    await worker.run_once()
+    [job] = (await service.get_plan(PlanRef(plan_id=created.id))).jobs
+    assert job.status == "queued"
+    # Two hours pass, for the instance and for the queue.
+    mastodon.instance.clock += timedelta(hours=2)
+    await db.execute(
+        "UPDATE distribution_jobs SET maybe_sent_at = maybe_sent_at - interval '2 hours', next_attempt_at = now() "
+        "WHERE id = $1",
+        job.id,
+    )
+    await worker.run_once()
+    [job] = (await service.get_plan(PlanRef(plan_id=created.id))).jobs
+    assert job.status == "failed" and job.last_error.startswith("DELIVERY_OUTCOME_UNKNOWN"), job
+    assert "idempotency key" in job.last_error and "redrive" in job.last_error
+    assert len(mastodon.instance.requests) == 1 and len(mastodon.instance.statuses) == 1
+
+
+async def test_a_retry_that_would_fall_after_the_hour_comes_before_it_or_not_at_all(
+    service: DistributionService, worker: Worker, mastodon: FakeMastodon, db: asyncpg.Connection
+) -> None:
+    """A 5xx may come after the status was made. The schedule's next retry after a fourth attempt
+    is two hours away: it is brought inside the key's hour, and once there is no time left in the
+    hour the job fails instead."""
+    item, target = await item_and_target(service, mastodon)
+    created = await plan(service, item.id, target.id)
+    [queued] = created.jobs
+    mastodon.instance.error_after_posting = 503
+    await db.execute("UPDATE distribution_jobs SET attempt = 3 WHERE id = $1", queued.id)
+    await worker.run_once()  # attempt 4: the schedule says two hours
+    row = await db.fetchrow(
+        "SELECT status, next_attempt_at - now() AS wait, next_attempt_at - maybe_sent_at AS after_first "
+        "FROM distribution_jobs WHERE id = $1",
+        queued.id,
+    )
+    assert row["status"] == "queued"
+    assert timedelta(minutes=50) < row["wait"] and row["after_first"] < timedelta(hours=1), dict(row)
+    assert len(mastodon.instance.statuses) == 1
+
+    # Later in the hour, with a minute or less left: no retry can make it in time.
+    mastodon.instance.unavailable = 502
+    await db.execute(
+        "UPDATE distribution_jobs SET maybe_sent_at = now() - interval '3450 seconds', next_attempt_at = now() "
+        "WHERE id = $1",
+        queued.id,
+    )
+    await worker.run_once()  # sent: 3,450 s is inside the hour, less the margin
+    [job] = (await service.get_plan(PlanRef(plan_id=created.id))).jobs
+    assert job.status == "failed" and job.last_error.startswith("DELIVERY_OUTCOME_UNKNOWN"), job
+    assert len(mastodon.instance.statuses) == 1
+
+
 async def test_a_rejected_token_fails_the_job_at_once_without_showing_the_token(
     service: DistributionService, worker: Worker, mastodon: FakeMastodon
 ) -> None:

@@ -4,14 +4,17 @@ never sent twice, since X has no idempotency key."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
+import anyio
 import pytest
 
 from queue_worker.worker import Worker
 from tests.fake_x import FakeX
+from tests.helpers import eventually
 from wordclaw_mcp.config import Settings
 from wordclaw_mcp.models import CreateDistributionPlanInput, PlanRef, RegisterTargetInput, UpsertContentItemInput
 from wordclaw_mcp.runtime import Runtime
@@ -107,3 +110,73 @@ async def test_xs_refusals_become_the_right_outcome(
         [target] = (await service.list_targets()).targets
         assert target.suspended_until is not None
         assert timedelta(minutes=14) < target.suspended_until - datetime.now(UTC) <= timedelta(minutes=15, seconds=1)
+
+
+@pytest.mark.parametrize("status", [500, 503, 504])
+async def test_a_5xx_after_sending_ends_the_job_outcome_unknown_and_it_is_not_sent_again(
+    service: DistributionService, worker: Worker, x: FakeX, db, status: int
+) -> None:
+    """X's 5xx do not say that nothing was posted (a 504 comes from a gateway whose backend may go
+    on to make the post), and X has no idempotency key: the job is not retried by itself."""
+    plan = await publish(service, x)
+    x.account.error_after_posting = status
+    await worker.run_once()
+    [job] = (await service.get_plan(PlanRef(plan_id=plan.id))).jobs
+    assert job.status == "failed" and job.last_error.startswith("DELIVERY_OUTCOME_UNKNOWN"), job
+    assert f"HTTP {status}" in job.last_error and "redrive" in job.last_error
+    await db.execute("UPDATE distribution_jobs SET next_attempt_at = now() - interval '1 day'")
+    await worker.run_once()
+    assert x.account.requests == 1 and len(x.account.posts) == 1
+
+
+async def test_a_shutdown_that_interrupts_a_post_in_flight_does_not_send_it_again(
+    settings: Settings, x: FakeX
+) -> None:
+    """Past the shutdown grace the attempt is cancelled with its request out: on X that may be a
+    post, so the job ends DELIVERY_OUTCOME_UNKNOWN instead of going back to the queue."""
+    x.account.hang = True
+    async with Runtime.open(replace(settings, shutdown_grace=0.5)) as runtime:
+        service, worker = DistributionService(runtime), Worker(runtime)
+        plan = await publish(service, x)
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(worker.run)
+                await eventually(lambda: _true(x.account.requests))
+                worker.stop()
+        [job] = (await service.get_plan(PlanRef(plan_id=plan.id))).jobs
+        assert job.status == "failed" and job.last_error.startswith("DELIVERY_OUTCOME_UNKNOWN"), job
+        assert "shut down" in job.last_error
+        x.account.hang = False
+        await Worker(runtime, name="next").run_once()
+    assert x.account.requests == 1 and len(x.account.posts) == 1
+
+
+async def test_a_killed_workers_post_is_not_sent_again_but_one_it_never_started_is(
+    service: DistributionService, x: FakeX, db
+) -> None:
+    """Two X jobs claimed by a worker that then dies: it had begun sending one (its request is at X)
+    and not the other. The rescue ends the first DELIVERY_OUTCOME_UNKNOWN and requeues the second."""
+    first = await publish(service, x)
+    second = await publish(service, x, body="Another one.")
+    dead, rescuer = Worker(service.runtime, name="dead"), Worker(service.runtime, name="rescuer")
+    claimed = {job.plan_id: job for job in await dead.claim(2)}
+    x.account.hang = True
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(dead.attempt, claimed[first.id])
+        await eventually(lambda: _true(x.account.requests))
+        tg.cancel_scope.cancel()  # the worker dies with the post made and unanswered
+    x.account.hang = False
+    await db.execute("UPDATE distribution_jobs SET lease_expires_at = now() - interval '1 second'")
+    assert await rescuer.rescue() == 2
+    await rescuer.run_once()
+    [lost] = (await service.get_plan(PlanRef(plan_id=first.id))).jobs
+    assert lost.status == "failed" and lost.last_error.startswith("DELIVERY_OUTCOME_UNKNOWN"), lost
+    assert (await service.get_plan(PlanRef(plan_id=second.id))).status == "succeeded"
+    assert Counter(x.account.asked) == {post["text"]: 1 for post in x.account.posts} and len(x.account.posts) == 2
+    receipts = (await service.get_receipts(PlanRef(plan_id=first.id))).receipts
+    assert [(r.attempt, r.succeeded) for r in receipts] == [(1, False)]
+    assert receipts[0].error_message.startswith("DELIVERY_OUTCOME_UNKNOWN")
+
+
+async def _true(value: object) -> bool:
+    return bool(value)
