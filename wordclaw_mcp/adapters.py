@@ -161,6 +161,13 @@ class Adapter(ABC):
             delivery_progress.set(Progress.NOT_SENT)
             raise
 
+    def config_for_tenant(self, config: BaseModel, tenant_id: str) -> BaseModel:
+        """The config as stored for a target of tenant ``tenant_id``, from the validated one: what
+        the service checks (``check_target``), stores and shows. A channel whose targets could
+        collide across tenants (a feed's file) sets its tenant's part here, never from what the
+        caller gave. The default is ``config`` as it is."""
+        return config
+
     async def check_target(self, config: BaseModel) -> None:  # noqa: B027 - optional hook
         """Refuse a target at registration, beyond what ``config_model`` validates."""
 
