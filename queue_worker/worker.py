@@ -26,7 +26,7 @@ from wordclaw_mcp.notifications import CANCEL_CHANNEL, JOBS_CHANNEL
 from wordclaw_mcp.runtime import Runtime
 from wordclaw_mcp.secrets import target_binding
 
-from .adapters import DeliveryResult, DeliveryTarget, Progress, delivery_progress
+from .adapters import DeliveryResult, DeliveryTarget, Progress, delivery_progress, delivery_secrets
 from .retry import retry_delay
 
 log = logging.getLogger(__name__)
@@ -611,6 +611,8 @@ class Worker:
         return (await self.attempt(job)).result
 
     async def _deliver(self, job: ClaimedJob, secrets: dict[str, str]) -> DeliveryResult:
+        used = [*secrets.values()]  # and what the adapter declares it came by (declare_secrets)
+        declared = delivery_secrets.set(used)
         try:
             adapter = self.runtime.adapters.get(job.channel_type)
             target = DeliveryTarget(id=job.target_id, name=job.target_name, config=job.config, secrets=secrets)
@@ -620,12 +622,14 @@ class Worker:
         except Exception as exc:
             # Exception texts can carry what an adapter was sending (h11 quotes a bad header's
             # value), so the traceback is scrubbed like a receipt before it is logged.
-            trace = redaction.scrub("".join(traceback.format_exception(exc)), secrets.values())
+            trace = redaction.scrub("".join(traceback.format_exception(exc)), used)
             log.error("adapter %s crashed on job %s:\n%s", job.channel_type, job.id, trace)
             result = DeliveryResult(
                 succeeded=False, retryable=True, error=f"The {job.channel_type} adapter failed: {type(exc).__name__}."
             )
-        return redact(result, secrets.values())
+        finally:
+            delivery_secrets.reset(declared)
+        return redact(result, used)
 
     async def record(
         self,

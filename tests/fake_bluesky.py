@@ -6,7 +6,8 @@
 one answers 400 ``ExpiredToken``), the record checked as a PDS would (its ``$type``, at most
 300 graphemes and 3,000 bytes, each link facet's UTF-8 byte range covering its URI), a record
 key already used answering 400 ``InvalidRequest`` "Record already exists", and ``ratelimit-*``
-headers with 429 once the budget is spent. Errors are ``{"error", "message"}``.
+headers with 429 once the budget is spent. Errors are ``{"error", "message"}``. On demand it
+refuses posts with an error that quotes the Authorization header (``refuse_quoting_authorization``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ class Account:
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
     drop_answers: int = 0
     creates: int = 0
+    # Refuse every post with a 400 that quotes the request's Authorization header, as the PDS in
+    # issue 15 did: an error that carries the session's access token back.
+    refuse_quoting_authorization: bool = False
+    issued: list[str] = field(default_factory=list)  # every token handed out, for tests to look for
 
     def expire_sessions(self) -> None:
         self.expired_access |= self.valid_access
@@ -64,6 +69,7 @@ class FakeBluesky(FakeJsonApi):
         access, refresh = f"access-{account.sessions}-{time.time_ns()}", f"refresh-{account.sessions}-{time.time_ns()}"
         account.valid_access.add(access)
         account.valid_refresh.add(refresh)
+        account.issued += [access, refresh]
         return {"accessJwt": access, "refreshJwt": refresh, "did": DID, "handle": account.identifier, "active": True}
 
     def _post(self, path: str, bearer: str, body: dict[str, Any]) -> tuple[int, dict[str, Any], bool]:
@@ -88,6 +94,8 @@ class FakeBluesky(FakeJsonApi):
             return 429, _error("RateLimitExceeded", "Rate Limit Exceeded"), False
         account.remaining -= 1
         account.creates += 1
+        if account.refuse_quoting_authorization:
+            return 400, _error("InvalidRequest", f"Request refused (authorization: Bearer {bearer})"), False
         record = body.get("record") or {}
         problem = _invalid(body, record)
         if problem:

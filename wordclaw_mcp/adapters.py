@@ -96,6 +96,19 @@ def _answered() -> None:
     delivery_progress.set(Progress.SENT)
 
 
+# What the current delivery must not leak: the worker starts it with the target's secrets, and an
+# adapter adds those it comes by as it delivers (a login session's tokens) with declare_secrets, so
+# that they are scrubbed from the attempt's result and a crash's traceback like the target's.
+delivery_secrets: ContextVar[list[str] | None] = ContextVar("delivery_secrets", default=None)
+
+
+def declare_secrets(*values: str) -> None:
+    """Have the worker scrub ``values`` from this delivery's result, as it does target secrets."""
+    declared = delivery_secrets.get()
+    if declared is not None:
+        declared.extend(value for value in values if value)
+
+
 @dataclass(frozen=True)
 class AdapterOptions:
     allow_private_targets: bool = False

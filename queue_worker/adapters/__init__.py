@@ -15,7 +15,9 @@ from wordclaw_mcp.adapters import (
     Progress,
     SealedConfig,
     adapter_classes,
+    declare_secrets,
     delivery_progress,
+    delivery_secrets,
     render_content,
 )
 
@@ -43,6 +45,8 @@ __all__ = [
     "WebhookAdapter",
     "XAdapter",
     "adapter_classes",
+    "declare_secrets",
     "delivery_progress",
+    "delivery_secrets",
     "render_content",
 ]

@@ -16,10 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 from pydantic.alias_generators import to_camel
 
 from wordclaw_mcp import http, ratelimit, redaction, text
-from wordclaw_mcp.adapters import (
-    DeliveryResult,
-    DeliveryTarget,
-)
+from wordclaw_mcp.adapters import DeliveryResult, DeliveryTarget, declare_secrets
 from wordclaw_mcp.models import ContentItem, TransformPolicy
 
 from .social import SocialAdapter
@@ -72,20 +69,25 @@ class BlueskyAdapter(SocialAdapter):
         base = str(config.base_url).rstrip("/")
         rkey = record_key(message_id or str(time.time_ns()))
         started = time.monotonic()
+        # Credentials as much as the app password: a PDS's error may quote the Authorization header.
+        used = [password]
         try:
             session = await self._session(target.id, base, config.identifier, password)
+            _use(session, used)
             answer = await self._create(base, session, rkey, payload)
             if _error(answer) == "ExpiredToken":
                 session = await self._refresh(target.id, base, session, config.identifier, password)
+                _use(session, used)
                 answer = await self._create(base, session, rkey, payload)
         except BlueskyError as exc:
             return exc.result
         except http.HttpError as exc:
             # Safe to retry even if it was sent: the record key makes the repeat collide.
             retryable = not isinstance(exc, http.TargetRefused) or exc.code == "TARGET_UNRESOLVABLE"
-            return DeliveryResult(succeeded=False, retryable=retryable, error=f"{type(exc).__name__}: {exc}")
+            error = redaction.scrub(f"{type(exc).__name__}: {exc}", used)
+            return DeliveryResult(succeeded=False, retryable=retryable, error=error)
         elapsed = round((time.monotonic() - started) * 1000)
-        return _outcome(answer, session["did"], rkey, password, elapsed_ms=elapsed)
+        return _outcome(answer, session["did"], rkey, used, elapsed_ms=elapsed)
 
     async def _session(self, target_id: UUID, base: str, identifier: str, password: str) -> dict[str, str]:
         if self.store is not None and (kept := await self.store.session(target_id)):
@@ -101,7 +103,7 @@ class BlueskyAdapter(SocialAdapter):
         )
         body = answer.json_or_none()
         if answer.status != 200 or not isinstance(body, dict) or not body.get("accessJwt"):
-            raise BlueskyError(_failure(answer, password, "Logging in failed"))
+            raise BlueskyError(_failure(answer, [password], "Logging in failed"))
         session = {key: str(body[key]) for key in ("accessJwt", "refreshJwt", "did")}
         if self.store is not None:
             await self.store.put_session(target_id, session)
@@ -141,12 +143,19 @@ class BlueskyAdapter(SocialAdapter):
         )
 
 
+def _use(session: dict[str, str], used: list[str]) -> None:
+    """Scrub the session's tokens from this delivery's result, here and in the worker."""
+    tokens = [session["accessJwt"], session["refreshJwt"]]
+    used += tokens
+    declare_secrets(*tokens)
+
+
 def _error(answer: http.Answer) -> str | None:
     body = answer.json_or_none()
     return str(body.get("error")) if isinstance(body, dict) and body.get("error") else None
 
 
-def _outcome(answer: http.Answer, did: str, rkey: str, password: str, *, elapsed_ms: int) -> DeliveryResult:
+def _outcome(answer: http.Answer, did: str, rkey: str, secrets: list[str], *, elapsed_ms: int) -> DeliveryResult:
     url = WEB_POST.format(did=did, rkey=rkey)
     meta = {"elapsedMs": elapsed_ms, "rkey": rkey}
     if answer.status == 200:
@@ -158,10 +167,10 @@ def _outcome(answer: http.Answer, did: str, rkey: str, password: str, *, elapsed
     if answer.status == 400 and "already exists" in message.lower():
         # An earlier attempt made this post and its answer was lost: it is there, once.
         return DeliveryResult(succeeded=True, status_code=400, external_url=url, raw_meta={**meta, "collided": True})
-    return _failure(answer, password, "Posting failed")
+    return _failure(answer, secrets, "Posting failed")
 
 
-def _failure(answer: http.Answer, password: str, doing: str) -> DeliveryResult:
+def _failure(answer: http.Answer, secrets: list[str], doing: str) -> DeliveryResult:
     body = answer.json_or_none()
     said = f"{body.get('error')}: {body.get('message')}" if isinstance(body, dict) else answer.reason
     error = f"{doing}: Bluesky answered HTTP {answer.status} ({said})."
@@ -171,9 +180,9 @@ def _failure(answer: http.Answer, password: str, doing: str) -> DeliveryResult:
     return DeliveryResult(
         succeeded=False,
         status_code=answer.status,
-        error=redaction.scrub(error, [password]),
+        error=redaction.scrub(error, secrets),
         retryable=answer.status >= 500 or answer.status == 429,
-        raw_meta={"responseBody": redaction.scrub(answer.text, [password])},
+        raw_meta={"responseBody": redaction.scrub(answer.text, secrets)},
         throttled=throttled,
         throttled_until=until,
     )
