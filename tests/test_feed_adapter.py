@@ -110,7 +110,10 @@ async def test_the_feed_is_an_mcp_resource_and_other_targets_are_not(
     assert {t["channelType"] for t in listed["targets"]} == {"rss", "webhook"}
 
 
-@pytest.mark.parametrize("path", ["../outside.xml", "/etc/feed.xml", "news/../../x.xml", ""])
+@pytest.mark.parametrize(
+    "path",
+    ["../outside.xml", "/etc/feed.xml", "news/../../x.xml", "", "news\r\nx.xml", "x" * 300 + "/f.xml"],
+)
 async def test_a_feed_path_outside_the_feeds_folder_is_refused(service: DistributionService, path: str) -> None:
     with pytest.raises(DistributionError) as refused:
         await feed_target(service, "rss", path)

@@ -63,8 +63,10 @@ class StoredFeedConfig(FeedConfig):
 def _relative_path(value: str) -> str:
     """``value`` as a path, or ValueError if it could leave the feeds folder; 'a//b' is 'a/b'."""
     path = PurePosixPath(value)
-    if path.is_absolute() or ".." in path.parts or not path.name or "\x00" in value:
+    if path.is_absolute() or ".." in path.parts or not path.name:
         raise ValueError("must be a relative path inside the feeds directory, without '..'")
+    if any(ord(character) < 0x20 or ord(character) == 0x7F for character in value):
+        raise ValueError("must not hold control characters (a line break, a NUL)")
     return str(path)
 
 
