@@ -271,6 +271,12 @@ CREATE TABLE IF NOT EXISTS feed_items (
 
 CREATE INDEX IF NOT EXISTS feed_items_latest ON feed_items (target_id, published_at DESC);
 
+-- The file a feed target writes (config_json.file, relative to WORDCLAW_FEEDS_DIR) is its own,
+-- across tenants, active or not: two feeds never write one file. Compared without case: on a
+-- case-insensitive file system News.xml and news.xml are one file.
+CREATE UNIQUE INDEX IF NOT EXISTS distribution_targets_feed_file
+    ON distribution_targets (lower(config_json->>'file')) WHERE channel_type IN ('rss', 'atom');
+
 -- A channel's login session for a target (a Bluesky session's tokens), encrypted like the
 -- target's secrets, so a worker reuses it instead of logging in for every post.
 CREATE TABLE IF NOT EXISTS channel_sessions (

@@ -36,6 +36,7 @@ from .adapters import (
     ResendSafety,
     current_attempt,
     delivery_progress,
+    delivery_secrets,
 )
 from .retry import retry_delay
 
@@ -766,6 +767,8 @@ class Worker:
         return done.result
 
     async def _deliver(self, job: ClaimedJob, adapter: Adapter, secrets: dict[str, str]) -> DeliveryResult:
+        used = [*secrets.values()]  # and what the adapter declares it came by (declare_secrets)
+        declared = delivery_secrets.set(used)
         try:
             target = DeliveryTarget(id=job.target_id, name=job.target_name, config=job.config, secrets=secrets)
             result = await adapter.deliver(job.payload, target, message_id=str(job.id))
@@ -774,12 +777,14 @@ class Worker:
         except Exception as exc:
             # Exception texts can carry what an adapter was sending (h11 quotes a bad header's
             # value), so the traceback is scrubbed like a receipt before it is logged.
-            trace = redaction.scrub("".join(traceback.format_exception(exc)), secrets.values())
+            trace = redaction.scrub("".join(traceback.format_exception(exc)), used)
             log.error("adapter %s crashed on job %s:\n%s", job.channel_type, job.id, trace)
             result = DeliveryResult(
                 succeeded=False, retryable=True, error=f"The {job.channel_type} adapter failed: {type(exc).__name__}."
             )
-        return redact(result, secrets.values())
+        finally:
+            delivery_secrets.reset(declared)
+        return redact(result, used)
 
     async def record(
         self,

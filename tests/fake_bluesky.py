@@ -5,7 +5,9 @@
 ``com.atproto.repo.createRecord`` for ``app.bsky.feed.post``: Bearer access JWT (an expired
 one answers 400 ``ExpiredToken``), the record checked as a PDS would (its ``$type``, at most
 300 graphemes and 3,000 bytes, each link facet's UTF-8 byte range covering its URI), and
-``ratelimit-*`` headers with 429 once the budget is spent. Errors are ``{"error", "message"}``.
+``ratelimit-*`` headers with 429 once the budget is spent. Errors are ``{"error", "message"}``. On
+demand it refuses posts with an error that quotes the Authorization header
+(``refuse_quoting_authorization``).
 
 A record key already used answers **HTTP 500 ``{"error": "InternalServerError", "message":
 "Internal Server Error"}``**, as the reference PDS does: its repo transactor hits the records
@@ -46,6 +48,10 @@ class Account:
     drop_answers: int = 0
     creates: int = 0
     reads: int = 0
+    # Refuse every post with a 400 that quotes the request's Authorization header, as the PDS in
+    # issue 15 did: an error that carries the session's access token back.
+    refuse_quoting_authorization: bool = False
+    issued: list[str] = field(default_factory=list)  # every token handed out, for tests to look for
 
     def expire_sessions(self) -> None:
         self.expired_access |= self.valid_access
@@ -73,6 +79,7 @@ class FakeBluesky(FakeJsonApi):
         access, refresh = f"access-{account.sessions}-{time.time_ns()}", f"refresh-{account.sessions}-{time.time_ns()}"
         account.valid_access.add(access)
         account.valid_refresh.add(refresh)
+        account.issued += [access, refresh]
         return {"accessJwt": access, "refreshJwt": refresh, "did": DID, "handle": account.identifier, "active": True}
 
     def _post(self, path: str, bearer: str, body: dict[str, Any]) -> tuple[int, dict[str, Any], bool]:
@@ -97,6 +104,8 @@ class FakeBluesky(FakeJsonApi):
             return 429, _error("RateLimitExceeded", "Rate Limit Exceeded"), False
         account.remaining -= 1
         account.creates += 1
+        if account.refuse_quoting_authorization:
+            return 400, _error("InvalidRequest", f"Request refused (authorization: Bearer {bearer})"), False
         record = body.get("record") or {}
         problem = _invalid(body, record)
         if problem:

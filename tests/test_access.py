@@ -149,18 +149,13 @@ async def test_admin_implies_every_scope(access: AccessService, client_for: Agen
 # --- HTTP -----------------------------------------------------------------------------------------
 
 
-async def test_http_answers_401_without_a_valid_bearer_key_and_serves_the_keys_agent(
-    access: AccessService, settings: Settings
-):
-    import httpx
+@asynccontextmanager
+async def serving_http(settings: Settings) -> AsyncIterator[str]:
+    """wordclaw-mcp over streamable HTTP on 127.0.0.1 (serve_http, as the CLI runs it); its URL."""
     import uvicorn
-    from mcp.client.streamable_http import streamable_http_client
 
     from wordclaw_mcp.bearer import serve_http
 
-    agent, key = await new_agent(access, "remote", tenant="acme", scopes=["distribution:read"])
-    revoked, revoked_key = await new_agent(access, "gone")
-    await access.revoke_agent(revoked.id)
     servers: list[uvicorn.Server] = []
     async with anyio.create_task_group() as tg:
         tg.start_soon(
@@ -172,32 +167,103 @@ async def test_http_answers_401_without_a_valid_bearer_key_and_serves_the_keys_a
 
         await eventually(started, within=15)
         port = servers[0].servers[0].sockets[0].getsockname()[1]
-        url = f"http://127.0.0.1:{port}/mcp"
         try:
-            async with httpx.AsyncClient() as http:
-                hello = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
-                for headers in (
-                    {},
-                    {"Authorization": "Bearer wck_wrong"},
-                    {"Authorization": f"Bearer {revoked_key}"},
-                    {"Authorization": f"Basic {key}"},
-                ):
-                    answer = await http.post(url, json=hello, headers=headers)
-                    assert answer.status_code == 401, (headers, answer.text)
-                    assert answer.json()["error"]["code"] == "AGENT_KEY_INVALID"
-                    assert answer.headers["www-authenticate"].startswith("Bearer")
-            import httpx2
-
-            async with (
-                httpx2.AsyncClient(headers={"Authorization": f"Bearer {key}"}) as authed,
-                Client(streamable_http_client(url, http_client=authed)) as client,
-            ):
-                me = await call(client, "get_my_entitlements")
-                assert me["agent"]["id"] == str(agent.id)
-                forbidden = await call_error(client, "upsert_content_item", title="t", body="b")
-                assert forbidden["code"] == "FORBIDDEN"
+            yield f"http://127.0.0.1:{port}/mcp"
         finally:
             servers[0].should_exit = True
+
+
+async def test_http_answers_401_without_a_valid_bearer_key_and_serves_the_keys_agent(
+    access: AccessService, settings: Settings
+):
+    import httpx
+    from mcp.client.streamable_http import streamable_http_client
+
+    agent, key = await new_agent(access, "remote", tenant="acme", scopes=["distribution:read"])
+    revoked, revoked_key = await new_agent(access, "gone")
+    await access.revoke_agent(revoked.id)
+    async with serving_http(settings) as url:
+        async with httpx.AsyncClient() as http:
+            hello = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+            for headers in (
+                {},
+                {"Authorization": "Bearer wck_wrong"},
+                {"Authorization": f"Bearer {revoked_key}"},
+                {"Authorization": f"Basic {key}"},
+            ):
+                answer = await http.post(url, json=hello, headers=headers)
+                assert answer.status_code == 401, (headers, answer.text)
+                assert answer.json()["error"]["code"] == "AGENT_KEY_INVALID"
+                assert answer.headers["www-authenticate"].startswith("Bearer")
+        import httpx2
+
+        async with (
+            httpx2.AsyncClient(headers={"Authorization": f"Bearer {key}"}) as authed,
+            Client(streamable_http_client(url, http_client=authed)) as client,
+        ):
+            me = await call(client, "get_my_entitlements")
+            assert me["agent"]["id"] == str(agent.id)
+            forbidden = await call_error(client, "upsert_content_item", title="t", body="b")
+            assert forbidden["code"] == "FORBIDDEN"
+
+
+def mcp_answer(response: Any) -> dict[str, Any]:
+    """The JSON-RPC message of a streamable HTTP answer, sent as JSON or as one SSE event."""
+    if response.headers["content-type"].startswith("application/json"):
+        return response.json()
+    [data] = [line.removeprefix("data:").strip() for line in response.text.splitlines() if line.startswith("data:")]
+    return json.loads(data)
+
+
+async def test_an_http_session_answers_only_the_agent_that_opened_it(access: AccessService, settings: Settings):
+    """Another agent's valid key with a session's id is answered as if there were no such session,
+    for a tool call and for a DELETE; the session goes on working for its owner."""
+    import httpx
+    from mcp_types.version import LATEST_HANDSHAKE_VERSION
+
+    owner, owner_key = await new_agent(access, "owner", tenant="acme")
+    _other, other_key = await new_agent(access, "neighbour", tenant="acme", scopes=["admin"])
+
+    def headers(key: str, session: str | None = None) -> dict[str, str]:
+        sent = {"Authorization": f"Bearer {key}", "Accept": "application/json, text/event-stream"}
+        if session is not None:
+            sent |= {"mcp-session-id": session, "mcp-protocol-version": LATEST_HANDSHAKE_VERSION}
+        return sent
+
+    initialize = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": LATEST_HANDSHAKE_VERSION,
+            "capabilities": {},
+            "clientInfo": {"name": "test", "version": "1"},
+        },
+    }
+    whoami = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "get_my_entitlements"}}
+    async with serving_http(settings) as url, httpx.AsyncClient(timeout=10) as http:
+        opened = await http.post(url, json=initialize, headers=headers(owner_key))
+        assert opened.status_code == 200, opened.text
+        session = opened.headers["mcp-session-id"]
+        initialized = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+        assert (await http.post(url, json=initialized, headers=headers(owner_key, session))).status_code == 202
+
+        unknown = await http.post(url, json=whoami, headers=headers(other_key, "f" * 32))
+        assert unknown.status_code == 404
+        for attempt in (
+            http.post(url, json=whoami, headers=headers(other_key, session)),
+            http.delete(url, headers=headers(other_key, session)),
+            http.get(url, headers=headers(other_key, session)),
+        ):
+            answer = await attempt
+            assert (answer.status_code, answer.json()) == (404, unknown.json()), answer.text
+
+        own = await http.post(url, json=whoami, headers=headers(owner_key, session))
+        assert own.status_code == 200, own.text
+        result = mcp_answer(own)["result"]
+        assert result["structuredContent"]["agent"]["id"] == str(owner.id), result
+        assert (await http.delete(url, headers=headers(owner_key, session))).status_code == 200
+        assert (await http.post(url, json=whoami, headers=headers(owner_key, session))).status_code == 404
 
 
 # --- tenants --------------------------------------------------------------------------------------

@@ -178,3 +178,30 @@ def test_a_record_key_is_a_tid_shaped_key_stable_per_job() -> None:
     key = record_key("3b6f0a0e-6a1b-4b8e-9a57-6d7f2c1e9f10")
     assert key == record_key("3b6f0a0e-6a1b-4b8e-9a57-6d7f2c1e9f10") != record_key("another job")
     assert len(key) == 13 and set(key) <= set("234567abcdefghijklmnopqrstuvwxyz") and key[0] in "234567abcdefghij"
+
+
+async def test_session_tokens_a_pds_echoes_are_stored_and_shown_nowhere(
+    service: DistributionService, worker: Worker, pds: FakeBluesky, db: asyncpg.Connection
+) -> None:
+    registered = await target(service, pds)
+    await publish(service, registered.id)
+    await worker.run_once()  # a session made and kept
+    pds.account.expire_sessions()
+    pds.account.refuse_quoting_authorization = True
+    plan = await publish(service, registered.id, title="Refused")
+    await worker.run_once()  # the kept session has expired: refreshed, then the post is refused
+
+    [job] = (await service.get_plan(PlanRef(plan_id=plan.id))).jobs
+    assert job.status == "failed" and "InvalidRequest" in job.last_error and "[redacted]" in job.last_error
+    [receipt] = (await service.get_receipts(PlanRef(plan_id=plan.id))).receipts
+    assert "authorization: Bearer [redacted]" in receipt.raw_meta["responseBody"], "the PDS echoed nothing"
+    tokens = pds.account.issued
+    assert (pds.account.sessions, pds.account.refreshes, len(tokens)) == (2, 1, 4)
+    stored = [
+        text
+        for table in ("distribution_receipts", "distribution_jobs", "distribution_events")
+        for (text,) in await db.fetch(f"SELECT to_jsonb(t)::text FROM {table} t")
+    ]
+    shown = [receipt.model_dump_json(), job.model_dump_json()]
+    leaks = [(token, text[:200]) for token in tokens for text in stored + shown if token in text]
+    assert not leaks, leaks

@@ -65,8 +65,8 @@ SECRET_CHANNELS = {"webhook", "email", "mastodon", "bluesky", "x"}
 # which here echoes the password on purpose. What WordClaw logs is checked; what a peer does is not.
 PEER_LOGGERS = ("mail.log",)
 SMTP_USER = "mailer"
-# The targets whose peers refuse the delivery (401 or 535), every other one succeeds.
-REFUSED = {"webhook-path-token", "email-refused", "mastodon-refused", "x"}
+# The targets whose peers refuse the delivery (401, 535 or 400), every other one succeeds.
+REFUSED = {"webhook-path-token", "email-refused", "mastodon-refused", "x", "bluesky-refused"}
 
 
 def canary_forms(canary: str) -> set[str]:
@@ -206,6 +206,7 @@ class Peers:
     mastodon: EchoingMastodon
     x: EchoingX
     bluesky: FakeBluesky
+    bluesky_refusing: FakeBluesky  # logs in, then refuses the post, quoting the session's access token
 
 
 @pytest.fixture
@@ -248,7 +249,10 @@ def peers(canary: Canary) -> Iterator[Peers]:
         x.account.token = "the-token-x-expects"  # the canary is refused: a 401
         bluesky = stack.enter_context(FakeBluesky())
         bluesky.account.app_password = canary.bluesky_password  # accepted: a session is made and kept
-        yield Peers(signed, refusing, mailbox, controller.port, mastodon, x, bluesky)
+        bluesky_refusing = stack.enter_context(FakeBluesky())
+        bluesky_refusing.account.app_password = canary.bluesky_password
+        bluesky_refusing.account.refuse_quoting_authorization = True
+        yield Peers(signed, refusing, mailbox, controller.port, mastodon, x, bluesky, bluesky_refusing)
 
 
 def origin(receiver: WebhookReceiver) -> str:
@@ -304,6 +308,14 @@ async def register_targets(calls: Transcript, canary: Canary, peers: Peers) -> d
         "bluesky": {
             "channelType": "bluesky",
             "config": {"baseUrl": peers.bluesky.base_url, "identifier": peers.bluesky.account.identifier},
+            "secrets": {"appPassword": canary.bluesky_password},
+        },
+        "bluesky-refused": {
+            "channelType": "bluesky",
+            "config": {
+                "baseUrl": peers.bluesky_refusing.base_url,
+                "identifier": peers.bluesky_refusing.account.identifier,
+            },
             "secrets": {"appPassword": canary.bluesky_password},
         },
         "rss": {"channelType": "rss", "config": {**feed, "path": f"canary-{suffix}/feed.rss"}},
@@ -529,6 +541,9 @@ async def test_a_canary_secret_on_every_channel_shows_up_nowhere_and_is_stored_o
     assert len(peers.mailbox.received) == 1
     assert peers.mastodon.instance.requests[0]["headers"]["authorization"] == f"Bearer {canary.mastodon_token}"
     assert peers.bluesky.account.sessions == 1 and len(peers.bluesky.account.records) == 1
+    # This PDS quoted the session's access token back in each refusal (one per attempt).
+    refusing = peers.bluesky_refusing.account
+    assert refusing.sessions == 1 and refusing.creates == 2 and not refusing.records
 
     # 1. No tool result or error, dry run included.
     leaks = [(tool, canary.found_in(text)) for tool, text in calls.texts if canary.found_in(text)]
@@ -539,8 +554,7 @@ async def test_a_canary_secret_on_every_channel_shows_up_nowhere_and_is_stored_o
     rotated = rotation["secrets"]["signingSecret"]
     assert [tool for tool, text in calls.texts if generated in text] == ["register_target"]
     assert [tool for tool, text in calls.texts if rotated in text] == ["rotate_target_secret"]
-    account = peers.bluesky.account
-    canary.watch(generated, rotated, *account.valid_access, *account.valid_refresh)
+    canary.watch(generated, rotated, *peers.bluesky.account.issued, *refusing.issued)
     leaks = [
         (tool, canary.found_in(text))
         for tool, text in calls.texts
@@ -587,7 +601,9 @@ async def test_a_canary_secret_on_every_channel_shows_up_nowhere_and_is_stored_o
         canary.bluesky_password,
     ):
         assert secret in opened, f"{secret} is not among the stored secrets"
-    assert [row["target_id"] for row in sessions] == [uuid.UUID(targets["bluesky"]["id"])]
+    assert {row["target_id"] for row in sessions} == {
+        uuid.UUID(targets[label]["id"]) for label in ("bluesky", "bluesky-refused")
+    }
     assert all(is_fernet_token(bytes(row["ciphertext"])) for row in sessions)
 
     # 4. No log record, at DEBUG, from setup on (the local peers' own loggers aside).

@@ -41,10 +41,18 @@ USER, PASSWORD = "mailer", "s3cret-pa55word"
 
 @dataclass
 class Mailbox:
-    """An SMTP server's handler: keeps what it accepted; ``answer`` replaces its reply to DATA."""
+    """An SMTP server's handler: keeps what it accepted; ``answer`` replaces its reply to DATA, and
+    ``refuse`` its reply to RCPT TO for the addresses it names (as a server does an unknown mailbox)."""
 
     received: list[Any] = field(default_factory=list)
     answer: str | None = None
+    refuse: dict[str, str] = field(default_factory=dict)
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: list[str]) -> str:
+        if address in self.refuse:
+            return self.refuse[address]
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         if self.answer:
@@ -166,6 +174,7 @@ async def test_a_wrong_password_fails_the_job_without_showing_it(
     await worker.run_once()
     [job] = (await service.get_plan(PlanRef(plan_id=plan.id))).jobs
     assert job.status == "failed" and box.received == []
+    assert (job.attempt, job.last_error.split(":")[0]) == (1, "SMTP_LOGIN_REFUSED")
     [receipt] = (await service.get_receipts(PlanRef(plan_id=plan.id))).receipts
     assert receipt.status_code == 535 and PASSWORD not in receipt.model_dump_json()
 
@@ -195,10 +204,150 @@ async def test_starttls_verifies_the_servers_name(settings: Settings, tmp_path: 
             await worker.run_once()
             assert (await service.get_plan(PlanRef(plan_id=good.id))).status == "succeeded"
             [job] = (await service.get_plan(PlanRef(plan_id=bad.id))).jobs
-            assert job.status == "queued" and "certificate" in (job.last_error or "").lower()
+            # Fails at once: no retry verifies a certificate that did not verify.
+            assert (job.status, job.attempt) == ("failed", 1), job
+            assert job.last_error.startswith("SMTP_CERTIFICATE_INVALID:") and "WORDCLAW_CA_BUNDLE" in job.last_error
     finally:
         controller.stop()
     assert len(box.received) == 1
+
+
+async def test_tls_from_the_start_verifies_the_servers_name(settings: Settings, tmp_path: Path) -> None:
+    authority = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("localhost").configure_cert(server_context)
+    ca_file = tmp_path / "ca.pem"
+    authority.cert_pem.write_to_path(str(ca_file))
+    box = Mailbox()
+    # aiosmtpd counts only STARTTLS as encryption when it decides whether to offer AUTH; this
+    # connection is encrypted from its first byte, so AUTH is allowed without it.
+    controller = Controller(
+        box,
+        hostname="127.0.0.1",
+        port=free_port(),
+        ssl_context=server_context,
+        authenticator=authenticate,
+        auth_require_tls=False,
+    )
+    controller.start()
+    try:
+        async with Runtime.open(replace(settings, ca_bundle=str(ca_file))) as runtime:
+            service, worker = DistributionService(runtime), Worker(runtime)
+            good = await publish(service, controller.port, host="localhost", security="tls")
+            bad = await publish(service, controller.port, security="tls")  # the certificate names localhost
+            await worker.run_once()
+            assert (await service.get_plan(PlanRef(plan_id=good.id))).status == "succeeded"
+            [job] = (await service.get_plan(PlanRef(plan_id=bad.id))).jobs
+            assert (job.status, job.attempt) == ("failed", 1), job
+            assert job.last_error.startswith("SMTP_CERTIFICATE_INVALID:")
+    finally:
+        controller.stop()
+    assert len(box.received) == 1
+
+
+# --- what the server refuses ----------------------------------------------------------------------
+
+
+async def job_after_one_attempt(service: DistributionService, worker: Worker, plan_id: Any) -> Any:
+    await worker.run_once()
+    [job] = (await service.get_plan(PlanRef(plan_id=plan_id))).jobs
+    [receipt] = (await service.get_receipts(PlanRef(plan_id=plan_id))).receipts
+    return job, receipt
+
+
+async def test_a_server_that_offers_no_starttls_fails_a_starttls_target_at_once(
+    service: DistributionService, worker: Worker, mailbox: tuple[Mailbox, int]
+) -> None:
+    box, port = mailbox  # no TLS context: the server's EHLO does not offer STARTTLS
+    plan = await publish(service, port, security="starttls")
+    job, receipt = await job_after_one_attempt(service, worker, plan.id)
+    assert (job.status, job.attempt) == ("failed", 1) and box.received == []
+    assert job.last_error.startswith("SMTP_TLS_UNAVAILABLE:") and "'tls'" in job.last_error
+    assert receipt.error_message == job.last_error
+
+
+@pytest.mark.parametrize(
+    ("answer", "status", "code"),
+    [
+        ("535 5.7.8 Authentication credentials invalid", "failed", 535),
+        ("534 5.7.9 Authentication mechanism is too weak", "failed", 534),
+        ("454 4.7.0 Temporary authentication failure", "queued", 454),
+    ],
+)
+async def test_a_login_the_server_refuses_fails_at_once_unless_it_says_try_later(
+    service: DistributionService, worker: Worker, answer: str, status: str, code: int
+) -> None:
+    def refuse(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
+        return AuthResult(success=False, handled=False, message=answer)
+
+    box = Mailbox()
+    controller = Controller(box, hostname="127.0.0.1", port=free_port(), authenticator=refuse, auth_require_tls=False)
+    controller.start()
+    try:
+        plan = await publish(service, controller.port)
+        job, receipt = await job_after_one_attempt(service, worker, plan.id)
+    finally:
+        controller.stop()
+    assert (job.status, job.attempt, receipt.status_code) == (status, 1, code) and box.received == []
+    assert job.last_error.startswith("SMTP_LOGIN_REFUSED:") and answer[4:] in job.last_error
+    assert PASSWORD not in receipt.model_dump_json()
+
+
+async def test_a_server_that_offers_no_login_without_tls_fails_a_target_with_a_username_at_once(
+    service: DistributionService, worker: Worker
+) -> None:
+    box = Mailbox()
+    # aiosmtpd's default, as most servers: AUTH is offered only once the connection is encrypted.
+    controller = Controller(box, hostname="127.0.0.1", port=free_port(), authenticator=authenticate)
+    controller.start()
+    try:
+        plan = await publish(service, controller.port, security="none")
+        job, _receipt = await job_after_one_attempt(service, worker, plan.id)
+    finally:
+        controller.stop()
+    assert (job.status, job.attempt) == ("failed", 1) and box.received == []
+    assert job.last_error.startswith("SMTP_LOGIN_REFUSED:") and "starttls" in job.last_error
+
+
+@pytest.mark.parametrize(
+    ("refuse", "status"),
+    [
+        ({"archive@example.com": "550 5.1.1 No such user"}, "succeeded"),
+        ({"list@example.com": "452 4.2.2 Mailbox full", "editor@example.com": "550 5.1.1 No such user"}, "succeeded"),
+        (
+            {
+                "list@example.com": "550 5.1.1 No such user",
+                "editor@example.com": "450 4.2.1 Try again later",
+                "archive@example.com": "550 5.7.1 Relaying denied",
+            },
+            "failed",
+        ),
+        (
+            {
+                "list@example.com": "450 4.2.1 Try again later",
+                "editor@example.com": "451 4.3.0 Local error",
+                "archive@example.com": "452 4.2.2 Mailbox full",
+            },
+            "queued",
+        ),
+    ],
+    ids=["one-refused", "two-refused", "all-refused", "all-deferred"],
+)
+async def test_recipients_the_server_refuses_are_in_the_receipt(
+    service: DistributionService, worker: Worker, mailbox: tuple[Mailbox, int], refuse: dict[str, str], status: str
+) -> None:
+    box, port = mailbox
+    box.refuse = refuse
+    plan = await publish(service, port)
+    job, receipt = await job_after_one_attempt(service, worker, plan.id)
+    assert job.status == status
+    assert receipt.raw_meta["refusedRecipients"] == refuse
+    accepted = {"list@example.com", "editor@example.com", "archive@example.com"} - set(refuse)
+    if accepted:
+        [envelope] = box.received
+        assert set(envelope.rcpt_tos) == accepted and receipt.succeeded and receipt.error_message is None
+    else:
+        assert box.received == [] and job.last_error.startswith("SMTP_RECIPIENTS_REFUSED:")
 
 
 @pytest.mark.parametrize(

@@ -435,6 +435,55 @@ async def test_an_adapter_crash_is_logged_and_receipted_without_the_secret(
     assert (job.status, job.attempt) == ("queued", 1)
 
 
+@pytest.mark.parametrize("crash", [False, True], ids=["echoed", "crashed"])
+async def test_secrets_an_adapter_declares_are_scrubbed_like_the_targets(
+    runtime: Runtime,
+    service: DistributionService,
+    worker: Worker,
+    receiver: WebhookReceiver,
+    db: asyncpg.Connection,
+    caplog: pytest.LogCaptureFixture,
+    crash: bool,
+) -> None:
+    import secrets
+
+    from queue_worker.adapters import DeliveryResult, WebhookAdapter, declare_secrets
+
+    token = f"session-{secrets.token_hex(16)}"
+
+    class SessionAdapter(WebhookAdapter):
+        """Comes by a session token as it delivers (as Bluesky's login does), which the channel's
+        answer, or the exception it raises, quotes back."""
+
+        async def deliver(self, payload, target, *, message_id=None):
+            declare_secrets(token)
+            if crash:
+                raise ValueError(f"Illegal header value 'Bearer {token}'")
+            return DeliveryResult(
+                succeeded=False,
+                error=f"401: Bearer {token} is not valid",
+                external_url=f"https://e.example/?session={token}",
+                raw_meta={"responseBody": json.dumps({"authorization": f"Bearer {token}"})},
+            )
+
+    runtime.adapters.register(SessionAdapter(runtime.adapters.get("webhook").options))
+    plan, _ = await publish(service, [receiver.url])
+    await worker.run_once()
+
+    [job] = (await service.get_plan(PlanRef(plan_id=plan.id))).jobs
+    assert job.status == ("queued" if crash else "failed")
+    if crash:
+        assert "adapter webhook crashed" in caplog.text and f"Bearer {REDACTED}" in caplog.text
+    else:
+        assert job.last_error == f"401: Bearer {REDACTED} is not valid"
+    stored = [
+        text
+        for table in ("distribution_receipts", "distribution_jobs", "distribution_events")
+        for (text,) in await db.fetch(f"SELECT to_jsonb(t)::text FROM {table} t")
+    ]
+    assert not [text for text in [*stored, caplog.text] if token in text]
+
+
 async def test_a_plan_naming_a_deactivated_target_is_refused(
     service: DistributionService, receiver: WebhookReceiver, db: asyncpg.Connection
 ) -> None:

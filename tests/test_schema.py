@@ -890,6 +890,11 @@ async def test_an_upgrade_from_version_1_keeps_every_row(new_database: Callable[
                 created_by_agent_id=LOCAL_AGENT_ID,
                 options={**plan["options"], "legacyAgentId": plan["created_by_agent_id"]},
             )
+        # 0014 named the file each feed target writes: where it wrote, its path as a path.
+        for target in expected["distribution_targets"].values():
+            if target["channel_type"] in ("rss", "atom"):
+                parts = [part for part in target["config_json"]["path"].split("/") if part not in ("", ".")]
+                target["config_json"] = {**target["config_json"], "file": "/".join(parts)}
 
         versions = after["schema_version"]
         assert sorted(versions) == [(version,) for version in range(1, SCHEMA_VERSION + 1)]

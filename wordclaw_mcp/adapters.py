@@ -138,6 +138,19 @@ def _answered() -> None:
     delivery_progress.set(Progress.SENT)
 
 
+# What the current delivery must not leak: the worker starts it with the target's secrets, and an
+# adapter adds those it comes by as it delivers (a login session's tokens) with declare_secrets, so
+# that they are scrubbed from the attempt's result and a crash's traceback like the target's.
+delivery_secrets: ContextVar[list[str] | None] = ContextVar("delivery_secrets", default=None)
+
+
+def declare_secrets(*values: str) -> None:
+    """Have the worker scrub ``values`` from this delivery's result, as it does target secrets."""
+    declared = delivery_secrets.get()
+    if declared is not None:
+        declared.extend(value for value in values if value)
+
+
 @dataclass(frozen=True)
 class AdapterOptions:
     allow_private_targets: bool = False
@@ -205,6 +218,13 @@ class Adapter(ABC):
         except (TargetRefused, ConnectError):
             delivery_progress.set(Progress.NOT_SENT)
             raise
+
+    def config_for_tenant(self, config: BaseModel, tenant_id: str) -> BaseModel:
+        """The config as stored for a target of tenant ``tenant_id``, from the validated one: what
+        the service checks (``check_target``), stores and shows. A channel whose targets could
+        collide across tenants (a feed's file) sets its tenant's part here, never from what the
+        caller gave. The default is ``config`` as it is."""
+        return config
 
     async def check_target(self, config: BaseModel) -> None:  # noqa: B027 - optional hook
         """Refuse a target at registration, beyond what ``config_model`` validates."""

@@ -1,17 +1,23 @@
 """API keys over HTTP: every request to the streamable HTTP transport carries
 ``Authorization: Bearer wck_…``; a missing, wrong or revoked key is answered 401 before the MCP
 layer sees the request. The agent the key belongs to rides in the request's state, where the
-tools find it (server.caller)."""
+tools find it (server.caller), and in the request's ``user``, where the SDK's session manager
+finds it: a session answers only the agent that opened it, and any other agent's request for it
+gets the 404 an unknown session gets (mcp/server/streamable_http_manager.py)."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
+from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
+from mcp.server.auth.provider import AccessToken
+
 from .access import AccessService, invalid_key
 from .config import Settings
 from .database import CONNECTION_ERRORS, create_pool_for, resolve_url
 from .errors import DatabaseUnavailable, DistributionError
+from .models import Agent
 
 AGENT_STATE = "wordclaw_agent"
 
@@ -38,7 +44,14 @@ class BearerAuth:
             await _answer(send, 503, DatabaseUnavailable(f"authenticating the request failed ({type(exc).__name__})"))
             return
         scope.setdefault("state", {})[AGENT_STATE] = agent
+        scope["user"] = _principal(agent)
         await self.app(scope, receive, send)
+
+
+def _principal(agent: Agent) -> AuthenticatedUser:
+    """The agent as the SDK tells a session's owner from another caller: by its client_id."""
+    # Not the key: the SDK may keep and show the token, and the agent's id is all it compares.
+    return AuthenticatedUser(AccessToken(token=f"agent:{agent.id}", client_id=str(agent.id), scopes=agent.scopes))
 
 
 def _bearer_key(scope: AsgiScope) -> str:

@@ -85,6 +85,10 @@ UPDATE distribution_targets SET secret_ciphertext = $2, secret_fingerprint = $3,
 
 # --- feeds ------------------------------------------------------------------------------------
 
+# Held while a delivery upserts its entry, reads the newest and writes the feed's file: two
+# deliveries to one feed take turns, so the file written last holds every entry the table does.
+LOCK_FEED = "SELECT pg_advisory_xact_lock(hashtextextended('feed:' || $1::uuid::text, 0))"
+
 # A content item's entry in a feed, by its stable guid: a redelivery or a new version of the
 # item replaces the entry, keeping when it was first published.
 UPSERT_FEED_ITEM = """

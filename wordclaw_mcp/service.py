@@ -45,6 +45,8 @@ from .runtime import Runtime
 from .secrets import target_binding
 
 AWAIT_DELIVERY_SECONDS = 10.0
+# The unique index that keeps each feed target's file its own (schema.sql).
+FEED_FILE_INDEX = "distribution_targets_feed_file"
 # Waiters wake on NOTIFY; this is only the safety net for a lost notification.
 AWAIT_POLL_SECONDS = 1.0
 
@@ -107,6 +109,7 @@ class DistributionService:
             secrets = validated.model_dump(mode="json", by_alias=True, exclude_none=True)
         generated = adapter.generate_secrets(secrets)
         secrets |= generated
+        config = adapter.config_for_tenant(config, agent.tenant_id)
         await adapter.check_target(config)
         if request.transform_policy:
             self._check_policy_fits(adapter, request)
@@ -116,22 +119,27 @@ class DistributionService:
         secrets = {**secrets, **sealed.secrets}
         target_id = uuid4()  # chosen here: the secrets are sealed for this row before it exists
         binding = target_binding(target_id)
-        row = await self.pool.fetchrow(
-            queries.INSERT_TARGET,
-            target_id,
-            request.name,
-            request.channel_type,
-            sealed.config,
-            self.runtime.secrets.encrypt(secrets, bound_to=binding) if secrets else None,
-            request.max_concurrency or adapter.default_max_concurrency,
-            request.rate_per_minute or adapter.default_rate_per_minute,
-            # Only the fields given, so that a plan's policy can win over them one by one.
-            request.transform_policy.model_dump(mode="json", by_alias=True, exclude_unset=True)
-            if request.transform_policy
-            else None,
-            agent.tenant_id,
-            self.runtime.secrets.fingerprint(secrets, bound_to=binding) if secrets else None,
-        )
+        try:
+            row = await self.pool.fetchrow(
+                queries.INSERT_TARGET,
+                target_id,
+                request.name,
+                request.channel_type,
+                sealed.config,
+                self.runtime.secrets.encrypt(secrets, bound_to=binding) if secrets else None,
+                request.max_concurrency or adapter.default_max_concurrency,
+                request.rate_per_minute or adapter.default_rate_per_minute,
+                # Only the fields given, so that a plan's policy can win over them one by one.
+                request.transform_policy.model_dump(mode="json", by_alias=True, exclude_unset=True)
+                if request.transform_policy
+                else None,
+                agent.tenant_id,
+                self.runtime.secrets.fingerprint(secrets, bound_to=binding) if secrets else None,
+            )
+        except asyncpg.UniqueViolationError as exc:
+            if exc.constraint_name != FEED_FILE_INDEX:
+                raise
+            raise _feed_file_taken(sealed.config) from None
         if row is None:
             raise errors.DistributionError(
                 "TARGET_NAME_TAKEN",
@@ -546,6 +554,17 @@ def _denial(denied: list[tuple[Target, access.Verdict]]) -> errors.DistributionE
         for target, verdict in denied
     ]
     return error
+
+
+def _feed_file_taken(config: dict[str, Any]) -> errors.DistributionError:
+    return errors.DistributionError(
+        "FEED_PATH_TAKEN",
+        f"Another feed target already writes the file {config.get('file')!r} (path {config.get('path')!r}); "
+        "two feeds cannot share a file.",
+        "Register this feed under another path, or deliver to the target that has it (list_targets shows "
+        "each feed's file; a deactivated target keeps its file too).",
+        file=config.get("file"),
+    )
 
 
 def _duplicate(content_item_id: UUID, duplicates: list[dict[str, Any]]) -> errors.DistributionError:

@@ -4,6 +4,7 @@ database access of their own."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -28,8 +29,22 @@ class ChannelStore:
             queries.PUT_CHANNEL_SESSION, target_id, self.secrets.encrypt(session, bound_to=session_binding(target_id))
         )
 
-    async def put_feed_item(self, target_id: UUID, guid: str, entry: dict[str, Any], published: datetime) -> None:
-        await self.pool.execute(queries.UPSERT_FEED_ITEM, target_id, guid, entry, published)
+    async def publish_feed_item(
+        self,
+        target_id: UUID,
+        guid: str,
+        entry: dict[str, Any],
+        published: datetime,
+        limit: int,
+        publish: Callable[[list[dict[str, Any]]], Awaitable[None]],
+    ) -> None:
+        """Upsert a feed's entry, then ``publish`` its newest ``limit`` entries (newest first), under
+        the feed's lock and in one transaction: deliveries to one feed take turns, and an entry
+        whose publishing fails is not kept either."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(queries.LOCK_FEED, target_id)
+            await conn.execute(queries.UPSERT_FEED_ITEM, target_id, guid, entry, published)
+            await publish([row["entry"] for row in await conn.fetch(queries.FEED_ITEMS, target_id, limit)])
 
     async def feed_items(self, target_id: UUID, limit: int) -> list[dict[str, Any]]:
         return [row["entry"] for row in await self.pool.fetch(queries.FEED_ITEMS, target_id, limit)]

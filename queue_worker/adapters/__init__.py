@@ -18,7 +18,9 @@ from wordclaw_mcp.adapters import (
     SealedConfig,
     adapter_classes,
     current_attempt,
+    declare_secrets,
     delivery_progress,
+    delivery_secrets,
     render_content,
 )
 
@@ -49,6 +51,8 @@ __all__ = [
     "XAdapter",
     "adapter_classes",
     "current_attempt",
+    "declare_secrets",
     "delivery_progress",
+    "delivery_secrets",
     "render_content",
 ]

@@ -26,6 +26,7 @@ from wordclaw_mcp.adapters import (
     DeliveryTarget,
     ResendSafety,
     current_attempt,
+    declare_secrets,
 )
 from wordclaw_mcp.models import ContentItem, TransformPolicy
 
@@ -81,20 +82,23 @@ class BlueskyAdapter(SocialAdapter):
         base = str(config.base_url).rstrip("/")
         rkey = record_key(message_id or str(time.time_ns()))
         started = time.monotonic()
+        # Credentials as much as the app password: a PDS's error may quote the Authorization header.
+        used = [password]
         try:
             session = await self._session(target.id, base, config.identifier, password)
-            if current_attempt.get().may_have_posted_before and (
-                found := await self._posted(base, session, rkey, password)
-            ):
+            _use(session, used)
+            posted_before = current_attempt.get().may_have_posted_before
+            if posted_before and (found := await self._posted(base, session, rkey, used)):
                 return found
             answer = await self._create(base, session, rkey, payload)
             if _error(answer) == "ExpiredToken":
                 session = await self._refresh(target.id, base, session, config.identifier, password)
+                _use(session, used)
                 answer = await self._create(base, session, rkey, payload)
             # A 5xx may be the PDS refusing a key already used (or failing after the write); some
             # servers say "already exists" instead. Either way the record decides.
             if (answer.status >= 500 or _already_exists(answer)) and (
-                found := await self._posted(base, session, rkey, password)
+                found := await self._posted(base, session, rkey, used)
             ):
                 return found
         except BlueskyError as exc:
@@ -102,9 +106,10 @@ class BlueskyAdapter(SocialAdapter):
         except http.HttpError as exc:
             # Safe to retry even if it was sent: the record key makes the repeat collide.
             retryable = not isinstance(exc, http.TargetRefused) or exc.code == "TARGET_UNRESOLVABLE"
-            return DeliveryResult(succeeded=False, retryable=retryable, error=f"{type(exc).__name__}: {exc}")
+            error = redaction.scrub(f"{type(exc).__name__}: {exc}", used)
+            return DeliveryResult(succeeded=False, retryable=retryable, error=error)
         elapsed = round((time.monotonic() - started) * 1000)
-        return _outcome(answer, session["did"], rkey, password, elapsed_ms=elapsed)
+        return _outcome(answer, session["did"], rkey, used, elapsed_ms=elapsed)
 
     async def _session(self, target_id: UUID, base: str, identifier: str, password: str) -> dict[str, str]:
         if self.store is not None and (kept := await self.store.session(target_id)):
@@ -120,7 +125,7 @@ class BlueskyAdapter(SocialAdapter):
         )
         body = answer.json_or_none()
         if answer.status != 200 or not isinstance(body, dict) or not body.get("accessJwt"):
-            raise BlueskyError(_failure(answer, password, "Logging in failed"))
+            raise BlueskyError(_failure(answer, [password], "Logging in failed"))
         session = {key: str(body[key]) for key in ("accessJwt", "refreshJwt", "did")}
         if self.store is not None:
             await self.store.put_session(target_id, session)
@@ -143,7 +148,7 @@ class BlueskyAdapter(SocialAdapter):
             await self.store.put_session(target_id, fresh)
         return fresh
 
-    async def _posted(self, base: str, session: dict[str, str], rkey: str, password: str) -> DeliveryResult | None:
+    async def _posted(self, base: str, session: dict[str, str], rkey: str, secrets: list[str]) -> DeliveryResult | None:
         """The job's post, if a record is already there under its key (an earlier attempt made it).
 
         None when the PDS says there is none; a PDS that cannot tell raises, so that nothing is
@@ -162,7 +167,7 @@ class BlueskyAdapter(SocialAdapter):
             )
         if answer.status == 400 and _error(answer) == "RecordNotFound":
             return None
-        raise BlueskyError(_failure(answer, password, "Checking for an earlier post failed"))
+        raise BlueskyError(_failure(answer, secrets, "Checking for an earlier post failed"))
 
     async def _create(self, base: str, session: dict[str, str], rkey: str, payload: dict[str, Any]) -> http.Answer:
         record = {
@@ -181,12 +186,19 @@ class BlueskyAdapter(SocialAdapter):
         )
 
 
+def _use(session: dict[str, str], used: list[str]) -> None:
+    """Scrub the session's tokens from this delivery's result, here and in the worker."""
+    tokens = [session["accessJwt"], session["refreshJwt"]]
+    used += tokens
+    declare_secrets(*tokens)
+
+
 def _error(answer: http.Answer) -> str | None:
     body = answer.json_or_none()
     return str(body.get("error")) if isinstance(body, dict) and body.get("error") else None
 
 
-def _outcome(answer: http.Answer, did: str, rkey: str, password: str, *, elapsed_ms: int) -> DeliveryResult:
+def _outcome(answer: http.Answer, did: str, rkey: str, secrets: list[str], *, elapsed_ms: int) -> DeliveryResult:
     url = WEB_POST.format(did=did, rkey=rkey)
     meta = {"elapsedMs": elapsed_ms, "rkey": rkey}
     if answer.status == 200:
@@ -194,7 +206,7 @@ def _outcome(answer: http.Answer, did: str, rkey: str, password: str, *, elapsed
         return DeliveryResult(
             succeeded=True, status_code=200, external_url=url, raw_meta={**meta, "uri": body.get("uri")}
         )
-    return _failure(answer, password, "Posting failed")
+    return _failure(answer, secrets, "Posting failed")
 
 
 def _already_exists(answer: http.Answer) -> bool:
@@ -202,7 +214,7 @@ def _already_exists(answer: http.Answer) -> bool:
     return answer.status == 400 and isinstance(body, dict) and "already exists" in str(body.get("message")).lower()
 
 
-def _failure(answer: http.Answer, password: str, doing: str) -> DeliveryResult:
+def _failure(answer: http.Answer, secrets: list[str], doing: str) -> DeliveryResult:
     body = answer.json_or_none()
     said = f"{body.get('error')}: {body.get('message')}" if isinstance(body, dict) else answer.reason
     error = f"{doing}: Bluesky answered HTTP {answer.status} ({said})."
@@ -212,9 +224,9 @@ def _failure(answer: http.Answer, password: str, doing: str) -> DeliveryResult:
     return DeliveryResult(
         succeeded=False,
         status_code=answer.status,
-        error=redaction.scrub(error, [password]),
+        error=redaction.scrub(error, secrets),
         retryable=answer.status >= 500 or answer.status == 429,
-        raw_meta={"responseBody": redaction.scrub(answer.text, [password])},
+        raw_meta={"responseBody": redaction.scrub(answer.text, secrets)},
         throttled=throttled,
         throttled_until=until,
         refused=400 <= answer.status < 500,

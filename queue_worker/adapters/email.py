@@ -6,6 +6,7 @@ import asyncio
 import socket
 import ssl
 import uuid
+from collections.abc import Mapping
 from email.message import EmailMessage
 from email.utils import formatdate
 from typing import Any, Literal
@@ -133,17 +134,34 @@ class EmailAdapter(Adapter):
             hostname=config.host,  # for TLS, which verifies this name; the socket is already connected
             sock=sock,
             use_tls=config.security == "tls",
-            start_tls=config.security == "starttls",
+            start_tls=False,  # by _start_tls, which tells a server without STARTTLS from a failure
             tls_context=self._tls(),
             timeout=self.options.timeout,
         )
+        meta: dict[str, Any] = {"messageId": mid}
+        accepted: tuple[dict[str, Any], str] | None = None
         try:
             async with smtp:
+                if config.security == "starttls":
+                    await _start_tls(smtp, config)
                 if config.username:
-                    await smtp.login(config.username, password or "")
+                    await _login(smtp, config, password or "")
                 # Only from here on can the server have accepted the message.
                 delivery_progress.set(Progress.MAYBE_SENT)
-                _errors, response = await smtp.send_message(message, sender=config.from_address, recipients=recipients)
+                accepted = await smtp.send_message(message, sender=config.from_address, recipients=recipients)
+                delivery_progress.set(Progress.SENT)
+        except _Misconfigured as exc:
+            return DeliveryResult(succeeded=False, error=str(exc), raw_meta=meta, refused=True)
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            said = redaction.scrub(f"{exc.code} {exc.message}", [password or ""])
+            return DeliveryResult(
+                succeeded=False,
+                status_code=exc.code,
+                retryable=400 <= exc.code < 500,  # 454: a temporary failure; 530, 534, 535 are not
+                error=f"SMTP_LOGIN_REFUSED: The SMTP server refused the login: {said}. {CHECK_LOGIN}",
+                raw_meta=meta,
+                refused=True,
+            )
         except aiosmtplib.SMTPResponseException as exc:
             said = redaction.scrub(f"{exc.code} {exc.message}", [password or ""])
             return DeliveryResult(
@@ -151,28 +169,44 @@ class EmailAdapter(Adapter):
                 status_code=exc.code,
                 retryable=400 <= exc.code < 500,
                 error=f"The SMTP server answered {said}",
-                raw_meta={"messageId": mid},
+                raw_meta=meta,
                 refused=True,  # a server takes a message only by answering 250 to its end
             )
         except aiosmtplib.SMTPRecipientsRefused as exc:
             codes = [error.code for error in exc.recipients]
+            meta["refusedRecipients"] = _refusals({error.recipient: error for error in exc.recipients}, password)
             return DeliveryResult(
                 succeeded=False,
                 status_code=max(codes, default=None),
                 retryable=all(400 <= code < 500 for code in codes),
-                error=f"The SMTP server refused every recipient ({', '.join(map(str, codes))}).",
-                raw_meta={"messageId": mid},
+                error="SMTP_RECIPIENTS_REFUSED: The SMTP server refused every recipient "
+                f"({', '.join(map(str, codes))}); rawMeta.refusedRecipients has its answer for each.",
+                raw_meta=meta,
                 refused=True,
             )
         except (aiosmtplib.SMTPException, OSError) as exc:
             said = redaction.scrub(str(exc), [password or ""])
-            return DeliveryResult(succeeded=False, retryable=True, error=f"{type(exc).__name__}: {said}")
-        delivery_progress.set(Progress.SENT)
+            if accepted is None and _unverified(exc):
+                return DeliveryResult(
+                    succeeded=False,
+                    error=f"SMTP_CERTIFICATE_INVALID: The SMTP server's certificate for {config.host!r} could not "
+                    f"be verified ({said}). Name the host as its certificate does, or trust its CA "
+                    "(WORDCLAW_CA_BUNDLE), then retry_plan.",
+                    raw_meta=meta,
+                    refused=True,  # the handshake failed before anything was sent
+                )
+            if accepted is None:
+                return DeliveryResult(succeeded=False, retryable=True, error=f"{type(exc).__name__}: {said}")
+            # The message was accepted; only the goodbye (QUIT) failed.
+        assert accepted is not None
+        refused, response = accepted
+        if refused:  # some recipients got it: sending again would repeat it to them
+            meta["refusedRecipients"] = _refusals(refused, password)
         return DeliveryResult(
             succeeded=True,
             status_code=250,
             external_url=f"mid:{mid.strip('<>')}",
-            raw_meta={"messageId": mid, "response": response},
+            raw_meta={**meta, "response": response},
         )
 
     async def _connect(self, config: EmailConfig) -> socket.socket:
@@ -204,6 +238,56 @@ class EmailAdapter(Adapter):
 
     def _tls(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=self.options.ca_bundle or certifi.where())
+
+
+class _Misconfigured(Exception):
+    """The server cannot serve the target as configured: every attempt would fail the same way."""
+
+
+CHECK_LOGIN = "Check the target's username and password, and register it again; then retry_plan."
+
+
+async def _start_tls(smtp: aiosmtplib.SMTP, config: EmailConfig) -> None:
+    await smtp.ehlo()
+    if not smtp.supports_extension("starttls"):
+        raise _Misconfigured(
+            f"SMTP_TLS_UNAVAILABLE: The SMTP server {config.host}:{config.port_or_default} does not offer "
+            "STARTTLS, which the target's security 'starttls' requires. Register the target with security "
+            "'tls' and port 465 if the server speaks TLS from the start; then retry_plan."
+        )
+    await smtp.starttls()
+
+
+async def _login(smtp: aiosmtplib.SMTP, config: EmailConfig, password: str) -> None:
+    if smtp.is_ehlo_or_helo_needed:  # again after STARTTLS, which forgets what the server offered
+        await smtp.ehlo()
+    if not smtp.supports_extension("auth"):
+        raise _Misconfigured(
+            f"SMTP_LOGIN_REFUSED: The SMTP server {config.host}:{config.port_or_default} offers no login "
+            f"(AUTH) on this connection, and the target has a username. Servers often offer it only over TLS: "
+            "use security 'starttls' or 'tls', or register the target without a username; then retry_plan."
+        )
+    assert config.username is not None
+    await smtp.login(config.username, password)
+
+
+def _refusals(refused: Mapping[str, Any], password: str | None) -> dict[str, str]:
+    """Each refused recipient with the server's answer, e.g. '550 5.1.1 No such user'."""
+    return {
+        address: redaction.scrub(f"{answer.code} {answer.message}", [password or ""])
+        for address, answer in refused.items()
+    }
+
+
+def _unverified(exc: BaseException) -> bool:
+    """Whether ``exc`` comes of the server's certificate failing verification (aiosmtplib wraps
+    the handshake's error when the connection starts with TLS)."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _message(payload: dict[str, Any], config: EmailConfig, mid: str) -> EmailMessage:

@@ -12,7 +12,7 @@ from uuid import UUID
 
 import anyio
 from feedgen.feed import FeedGenerator
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from wordclaw_mcp.adapters import (
@@ -29,21 +29,53 @@ from wordclaw_mcp.models import ContentItem, TransformPolicy
 
 
 class FeedConfig(BaseModel):
+    """A feed target's config as an agent gives it."""
+
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
 
-    path: str = Field(description="The feed file, relative to WORDCLAW_FEEDS_DIR, e.g. 'news/feed.xml'.")
+    path: str = Field(description="The feed file, relative to the tenant's folder in WORDCLAW_FEEDS_DIR.")
     title: str = Field(min_length=1, max_length=500)
     link: HttpUrl = Field(description="The site the feed belongs to.")
+    feed_url: HttpUrl | None = Field(
+        None, description="Where readers fetch the feed: its self link, and the receipt's externalUrl."
+    )
     description: str = Field("", max_length=5000)
     max_items: int = Field(50, ge=1, le=1000)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_file(cls, data: Any) -> Any:
+        if cls is FeedConfig and isinstance(data, dict) and "file" in data:
+            raise ValueError("file is chosen by WordClaw (the tenant's folder, then path): leave it out")
+        return data
 
     @field_validator("path")
     @classmethod
     def _relative(cls, value: str) -> str:
-        path = PurePosixPath(value)
-        if path.is_absolute() or ".." in path.parts or not path.name or "\x00" in value:
-            raise ValueError("must be a relative path inside the feeds directory, without '..'")
-        return value
+        return _relative_path(value)
+
+
+class StoredFeedConfig(FeedConfig):
+    """A feed target's config as stored: with the file it writes, relative to WORDCLAW_FEEDS_DIR.
+    That is ``<tenant>/<path>``, or, for a target registered before tenants had folders, where it
+    wrote then (migration 0014). A unique index keeps each file to one target."""
+
+    file: str
+
+    @field_validator("file")
+    @classmethod
+    def _relative_file(cls, value: str) -> str:
+        return _relative_path(value)
+
+
+def _relative_path(value: str) -> str:
+    """``value`` as a path, or ValueError if it could leave the feeds folder; 'a//b' is 'a/b'."""
+    path = PurePosixPath(value)
+    if path.is_absolute() or ".." in path.parts or not path.name:
+        raise ValueError("must be a relative path inside the feeds directory, without '..'")
+    if any(ord(character) < 0x20 or ord(character) == 0x7F for character in value):
+        raise ValueError("must not hold control characters (a line break, a NUL)")
+    return str(path)
 
 
 class FeedAdapter(Adapter):
@@ -52,8 +84,14 @@ class FeedAdapter(Adapter):
     resend = ResendSafety("idempotency_key")
     feed_format: ClassVar[str]  # "rss" or "atom"
 
-    async def check_target(self, config: BaseModel) -> None:
+    def config_for_tenant(self, config: BaseModel, tenant_id: str) -> StoredFeedConfig:
+        """Each tenant's feeds in a folder of their own: two tenants' paths never name one file."""
         assert isinstance(config, FeedConfig)
+        given = config.model_dump(mode="json", by_alias=True, exclude_unset=True)
+        return StoredFeedConfig.model_validate({**given, "file": f"{tenant_id}/{config.path}"})
+
+    async def check_target(self, config: BaseModel) -> None:
+        assert isinstance(config, StoredFeedConfig)
         folder = self._file(config).parent
         try:
             await anyio.Path(folder).mkdir(parents=True, exist_ok=True)
@@ -87,20 +125,35 @@ class FeedAdapter(Adapter):
     ) -> DeliveryResult:
         if self.store is None:
             raise RuntimeError("a feed channel needs the registry's store")
-        config = FeedConfig.model_validate(target.config)
+        config = StoredFeedConfig.model_validate(target.config)
+        file = self._file(config)
+
+        async def publish(entries: list[dict[str, Any]]) -> None:
+            try:
+                await self._write(file, self.render(config, entries))
+            except OSError as exc:
+                raise _Unwritten(exc) from exc
+
         published = datetime.fromisoformat(payload["published"])
-        await self.store.put_feed_item(target.id, payload["guid"], payload, published)
-        xml = self.render(config, await self.store.feed_items(target.id, config.max_items))
         try:
-            await anyio.to_thread.run_sync(_write_atomically, self._file(config), xml)
-        except OSError as exc:
+            await self.store.publish_feed_item(
+                target.id, payload["guid"], payload, published, config.max_items, publish
+            )
+        except _Unwritten as exc:
             return DeliveryResult(succeeded=False, retryable=True, error=f"The feed file could not be written: {exc}")
-        return DeliveryResult(succeeded=True, external_url=str(config.link), raw_meta={"path": config.path})
+        return DeliveryResult(
+            succeeded=True,
+            external_url=str(config.feed_url or config.link),
+            raw_meta={"path": config.path, "file": config.file},
+        )
+
+    async def _write(self, file: Path, xml: str) -> None:
+        await anyio.to_thread.run_sync(_write_atomically, file, xml)
 
     async def read(self, target_id: UUID, config: dict[str, Any]) -> str | None:
         if self.store is None:
             return None
-        feed = FeedConfig.model_validate(config)
+        feed = StoredFeedConfig.model_validate(config)
         return self.render(feed, await self.store.feed_items(target_id, feed.max_items))
 
     def render(self, config: FeedConfig, entries: list[dict[str, Any]]) -> str:
@@ -108,6 +161,8 @@ class FeedAdapter(Adapter):
         feed = FeedGenerator()
         feed.id(str(config.link))
         feed.title(config.title)
+        if config.feed_url:  # first: feedgen's RSS <link> is the last link added, which must be the site
+            feed.link(href=str(config.feed_url), rel="self")
         feed.link(href=str(config.link), rel="alternate")
         feed.description(config.description or config.title)
         feed.generator("WordClaw Distribution")
@@ -131,16 +186,22 @@ class FeedAdapter(Adapter):
         raw = feed.rss_str(pretty=True) if self.feed_format == "rss" else feed.atom_str(pretty=True)
         return raw.decode()
 
-    def _file(self, config: FeedConfig) -> Path:
+    def _file(self, config: StoredFeedConfig) -> Path:
         base = (self.options.feeds_dir or Path("feeds")).resolve()
-        path = (base / config.path).resolve()
-        if not path.is_relative_to(base):  # a symlink pointing out of the folder
+        path = base / config.file
+        # No symbolic link below the feeds folder: one could lead out of it, into another
+        # tenant's folder, or make two feeds' files one.
+        if path.resolve() != path:
             raise DistributionError(
                 "INVALID_TARGET_CONFIG",
-                f"The feed path {config.path!r} leads outside the feeds folder.",
-                "Use another path.",
+                f"The feed file {config.file!r} is reached through a symbolic link in the feeds folder.",
+                "Use another path, or ask the operator to replace the link under WORDCLAW_FEEDS_DIR with a folder.",
             )
         return path
+
+
+class _Unwritten(Exception):
+    """The feed's file could not be written (its OSError is the cause): the entry is not kept."""
 
 
 def _write_atomically(path: Path, content: str) -> None:
