@@ -107,7 +107,9 @@ CREATE TABLE IF NOT EXISTS distribution_targets (
     transform_policy   jsonb,
     tenant_id          text NOT NULL REFERENCES tenants (id),
     -- A short fingerprint of the target's secrets, so that they can be told apart without being shown.
-    secret_fingerprint text
+    secret_fingerprint text,
+    -- Why it was deactivated, when it says (TARGET_GONE for a 410): its queued jobs fail with it.
+    deactivated_reason text
 );
 
 -- Target names are unique within a tenant: a name taken in another tenant says nothing.
@@ -496,29 +498,43 @@ BEGIN
 END
 $$;
 
--- A deactivated target's queued jobs can never be claimed: fail them now so their plans end.
--- Its running jobs fail when their attempt is recorded (RECORD_ATTEMPTS, RESCUE_EXPIRED_LEASES).
+-- A deactivated target's queued jobs can never be claimed: fail them now so their plans end, with
+-- the target's deactivated_reason (TARGET_INACTIVE when none). Its running jobs fail when their
+-- attempt is recorded (RECORD_ATTEMPTS, RESCUE_EXPIRED_LEASES).
+--
+-- Statement-level, so that one UPDATE of several targets fails all their jobs in one statement:
+-- the jobs in id order, then (their trigger) the plans in id order, as every statement locks them.
+-- Row by row, each target's jobs would lock their plans in a round of their own, out of order.
 CREATE OR REPLACE FUNCTION wordclaw_target_deactivated() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    -- Its jobs in id order, the order every statement locks jobs in, so that a cancel or a batch
-    -- write holding some of them cannot deadlock with this.
-    UPDATE distribution_jobs
+    IF NOT EXISTS (SELECT 1 FROM old_targets o JOIN new_targets n ON n.id = o.id WHERE o.active AND NOT n.active) THEN
+        RETURN NULL;
+    END IF;
+    UPDATE distribution_jobs j
     SET status = 'failed',
-        last_error = 'TARGET_INACTIVE: the target was deactivated before this job was delivered.',
+        last_error = coalesce(n.deactivated_reason,
+                              'TARGET_INACTIVE: the target was deactivated before this job was delivered.'),
         finished_at = now(),
         updated_at = now()
-    WHERE id IN (
-        SELECT id FROM distribution_jobs WHERE target_id = NEW.id AND status = 'queued' ORDER BY id FOR UPDATE
+    FROM new_targets n
+    WHERE n.id = j.target_id AND j.id IN (
+        SELECT q.id
+        FROM distribution_jobs q
+        JOIN new_targets n ON n.id = q.target_id
+        JOIN old_targets o ON o.id = n.id
+        WHERE o.active AND NOT n.active AND q.status = 'queued'
+        ORDER BY q.id
+        FOR UPDATE OF q
     );
     RETURN NULL;
 END
 $$;
 
 CREATE OR REPLACE TRIGGER distribution_targets_deactivated
-    AFTER UPDATE OF active ON distribution_targets
-    FOR EACH ROW WHEN (OLD.active AND NOT NEW.active)
-    EXECUTE FUNCTION wordclaw_target_deactivated();
+    AFTER UPDATE ON distribution_targets
+    REFERENCING OLD TABLE AS old_targets NEW TABLE AS new_targets
+    FOR EACH STATEMENT EXECUTE FUNCTION wordclaw_target_deactivated();
 
 CREATE OR REPLACE TRIGGER distribution_jobs_changed
     AFTER UPDATE ON distribution_jobs

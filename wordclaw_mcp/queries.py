@@ -417,7 +417,7 @@ WITH locked_targets AS (
     WHERE (t.max_concurrency IS NOT NULL OR t.rate_per_minute IS NOT NULL)
       AND t.active
       AND (t.suspended_until IS NULL OR t.suspended_until <= now())
-    FOR UPDATE OF t SKIP LOCKED
+    FOR NO KEY UPDATE OF t SKIP LOCKED
 ), limited AS (
     -- room is how many of a target's jobs may start now: the free concurrency, and the whole
     -- tokens in its bucket. Its running jobs are counted once the target is locked, in a
@@ -688,7 +688,7 @@ WHERE id IN (
     SELECT id FROM distribution_targets
     WHERE id = ANY ($1::uuid[]) AND throttle_backoff_seconds IS NOT NULL
     ORDER BY id
-    FOR UPDATE
+    FOR NO KEY UPDATE
 )
 """
 
@@ -708,7 +708,7 @@ WITH asked AS (
            a.seconds
     FROM asked a JOIN distribution_targets t ON t.id = a.target_id
     ORDER BY t.id
-    FOR UPDATE OF t
+    FOR NO KEY UPDATE OF t
 )
 UPDATE distribution_targets t
 SET throttle_backoff_seconds = CASE WHEN w.back_off THEN w.backoff ELSE t.throttle_backoff_seconds END,
@@ -722,24 +722,15 @@ WHERE t.id = w.target_id
 RETURNING t.id, t.suspended_until
 """
 
-# A target that answered 410 Gone is deactivated, and its queued jobs fail with TARGET_GONE
-# ($2) in the same statement (before the deactivation trigger would call them TARGET_INACTIVE).
-# Its own transaction, after the outcome that said so is written: targets first, then jobs in id
-# order.
+# Targets that answered 410 Gone are deactivated; the deactivation trigger fails their queued jobs
+# with TARGET_GONE ($2). Its own transaction, after the outcome that said so is written. Target
+# locks are FOR NO KEY UPDATE, the lock an UPDATE of these columns takes anyway, which does not
+# block the key-share lock a new plan's jobs take on their targets.
 DEACTIVATE_GONE_TARGETS = """
-WITH gone AS (
-    UPDATE distribution_targets SET active = false, updated_at = now()
-    WHERE id IN (SELECT id FROM distribution_targets WHERE id = ANY ($1::uuid[]) AND active ORDER BY id FOR UPDATE)
-    RETURNING id
-), queued AS (
-    SELECT id FROM distribution_jobs
-    WHERE target_id IN (SELECT id FROM gone) AND status = 'queued'
-    ORDER BY id
-    FOR UPDATE
+UPDATE distribution_targets SET active = false, deactivated_reason = $2, updated_at = now()
+WHERE id IN (
+    SELECT id FROM distribution_targets WHERE id = ANY ($1::uuid[]) AND active ORDER BY id FOR NO KEY UPDATE
 )
-UPDATE distribution_jobs
-SET status = 'failed', last_error = $2, finished_at = now(), updated_at = now()
-WHERE id IN (SELECT id FROM queued)
 """
 
 # --- leases and workers -------------------------------------------------------------------------
