@@ -3,6 +3,7 @@ client reads it, SMTP's 4xx and 5xx answers, authentication, and STARTTLS with a
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 import socket
@@ -47,6 +48,9 @@ class Mailbox:
     received: list[Any] = field(default_factory=list)
     answer: str | None = None
     refuse: dict[str, str] = field(default_factory=dict)
+    # Take the message, then wait this long before saying so: a slow server whose client gives up
+    # with the message already accepted.
+    confirm_after: float = 0.0
 
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: list[str]) -> str:
         if address in self.refuse:
@@ -58,6 +62,7 @@ class Mailbox:
         if self.answer:
             return self.answer
         self.received.append(envelope)
+        await asyncio.sleep(self.confirm_after)
         return "250 2.0.0 Message accepted"
 
 
@@ -164,6 +169,25 @@ async def test_a_4xx_is_retried_and_a_5xx_fails_the_job(
     assert job.status == job_status
     [receipt] = (await service.get_receipts(PlanRef(plan_id=plan.id))).receipts
     assert receipt.status_code == int(answer[:3]) and answer[4:] in receipt.error_message
+
+
+async def test_a_message_whose_acceptance_went_unanswered_is_not_sent_again(
+    settings: Settings, mailbox: tuple[Mailbox, int]
+) -> None:
+    """SMTP keeps no idempotency key: once the end of DATA went out, the server may have taken the
+    message, and every recipient would get it twice. The job ends DELIVERY_OUTCOME_UNKNOWN."""
+    box, port = mailbox
+    box.confirm_after = 3.0
+    async with Runtime.open(replace(settings, delivery_timeout=0.5)) as runtime:
+        service, worker = DistributionService(runtime), Worker(runtime)
+        plan = await publish(service, port)
+        await worker.run_once()
+        [job] = (await service.get_plan(PlanRef(plan_id=plan.id))).jobs
+        assert job.status == "failed" and job.last_error.startswith("DELIVERY_OUTCOME_UNKNOWN"), job
+        async with runtime.pool.acquire() as db:
+            await db.execute("UPDATE distribution_jobs SET next_attempt_at = now() - interval '1 day'")
+        await worker.run_once()
+    assert len(box.received) == 1
 
 
 async def test_a_wrong_password_fails_the_job_without_showing_it(
