@@ -56,7 +56,8 @@ You act as one agent of one tenant (get_my_entitlements says which, with your sc
 you see only your tenant's items, targets and plans, and may distribute the items you created;
 other items need an entitlement. A plan for the same item and target within 5 minutes fails with
 DUPLICATE_DISTRIBUTION_PLAN unless allowDuplicate is set; give an idempotencyKey to retry safely.
-Errors come back as {"error": {"code", "message", "remediation"}}; the code is stable.
+A failed call is a tool error (isError) whose text is {"error": {"code", "message", "remediation"}};
+the code is stable.
 """
 
 
@@ -99,10 +100,14 @@ class WordClawServer(MCPServer[DistributionService]):
 
 
 def error_result(error: DistributionError) -> CallToolResult:
+    """The error as JSON text, and no ``structuredContent``.
+
+    Structured content must match the tool's output schema, which describes a success: the
+    TypeScript SDK (the MCP Inspector, many IDE clients) validates it even when ``isError`` is
+    set, so an error object there would reach the user as a schema mismatch instead of its code.
+    """
     body = {"error": error.to_dict()}
-    return CallToolResult(
-        content=[TextContent(type="text", text=json.dumps(body))], structured_content=body, is_error=True
-    )
+    return CallToolResult(content=[TextContent(type="text", text=json.dumps(body))], is_error=True)
 
 
 def _classify(name: str, exc: ToolError) -> DistributionError:
