@@ -96,7 +96,10 @@ CREATE TABLE IF NOT EXISTS distribution_targets (
     transform_policy   jsonb,
     tenant_id          text NOT NULL REFERENCES tenants (id),
     -- A short fingerprint of the target's secrets, so that they can be told apart without being shown.
-    secret_fingerprint text
+    secret_fingerprint text,
+    -- Whether the server that registered it allowed loopback, private and reserved addresses
+    -- (WORDCLAW_ALLOW_PRIVATE_TARGETS): workers deliver it under that policy, with or without the setting.
+    private_addresses_allowed boolean NOT NULL DEFAULT false
 );
 
 -- Target names are unique within a tenant: a name taken in another tenant says nothing.

@@ -93,6 +93,7 @@ class ClaimedJob:
     # denial when the grant was revoked or expired since the plan was made.
     entitlement_id: UUID | None = None
     denied: str | None = None
+    private_addresses_allowed: bool = False
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> ClaimedJob:
@@ -613,7 +614,13 @@ class Worker:
     async def _deliver(self, job: ClaimedJob, secrets: dict[str, str]) -> DeliveryResult:
         try:
             adapter = self.runtime.adapters.get(job.channel_type)
-            target = DeliveryTarget(id=job.target_id, name=job.target_name, config=job.config, secrets=secrets)
+            target = DeliveryTarget(
+                id=job.target_id,
+                name=job.target_name,
+                config=job.config,
+                secrets=secrets,
+                private_addresses_allowed=job.private_addresses_allowed,
+            )
             result = await adapter.deliver(job.payload, target, message_id=str(job.id))
         except DistributionError as exc:
             result = DeliveryResult(succeeded=False, error=f"{exc.code}: {exc.message}")

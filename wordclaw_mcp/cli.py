@@ -157,6 +157,16 @@ def mcp_main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env()
         if args.run_worker is not None:
             settings = replace(settings, run_worker=args.run_worker)
+        if args.transport == "streamable-http" and settings.agent_key:
+            # Over HTTP each request names its agent by its bearer key; a key in the environment
+            # (say, from an env file every process shares) would act for no one, so it is not
+            # checked, and a wrong or revoked one does not stop the server.
+            print(
+                "wordclaw-mcp: WORDCLAW_AGENT_KEY is not used over HTTP: every request authenticates with its "
+                "own `Authorization: Bearer wck_…` header.",
+                file=sys.stderr,
+            )
+            settings = replace(settings, agent_key=None)
         # Fail before serving, with one line, rather than from inside the protocol loop.
         anyio.run(check_before_serving, settings)
         if args.transport == "stdio" and not (settings.agent_key or settings.local_agent_allowed):

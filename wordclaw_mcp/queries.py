@@ -69,8 +69,8 @@ _TARGET_COLUMNS = """
 INSERT_TARGET = f"""
 INSERT INTO distribution_targets
     (id, name, channel_type, config_json, secret_ciphertext, max_concurrency, rate_per_minute, transform_policy,
-     tenant_id, secret_fingerprint)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+     tenant_id, secret_fingerprint, private_addresses_allowed)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
 ON CONFLICT (tenant_id, name) DO NOTHING
 RETURNING {_TARGET_COLUMNS}
 """
@@ -482,6 +482,7 @@ WHERE j.id = ANY (ARRAY(SELECT id FROM limited_jobs UNION ALL SELECT id FROM fre
   AND (SELECT synchronous_commit FROM async_commit) = 'off'
 RETURNING j.id, j.plan_id, j.target_id, j.attempt, j.max_attempts, j.priority, j.payload_snapshot,
           t.name AS target_name, t.channel_type, t.config_json AS config, t.secret_ciphertext, j.entitlement_id,
+          t.private_addresses_allowed,
           -- The grant the job was allowed by, checked again now: revoked or expired since, it is
           -- not sent. Spent to the last (exhausted) is fine: this job's share was spent for it.
           CASE WHEN j.entitlement_id IS NOT NULL THEN (

@@ -131,6 +131,9 @@ class DistributionService:
             else None,
             agent.tenant_id,
             self.runtime.secrets.fingerprint(secrets, bound_to=binding) if secrets else None,
+            # The policy check_target applied: workers deliver the target under it, with or without
+            # WORDCLAW_ALLOW_PRIVATE_TARGETS of their own.
+            adapter.options.allow_private_targets,
         )
         if row is None:
             raise errors.DistributionError(

@@ -1,7 +1,11 @@
 """Bluesky (AT Protocol): post the item to a PDS, logging in once and reusing the session.
 
 Each job writes its post under a record key derived from the job id, so a retry after a lost
-answer collides with the post it already made instead of posting twice.
+answer names the post it may already have made. The reference PDS answers a second
+``createRecord`` with a key already used with a bare HTTP 500 (bluesky-social/atproto issue
+3718), not an "already exists" error, so the adapter reads the record back
+(``com.atproto.repo.getRecord``) before posting a job that may have posted, and after any 5xx: if
+it is there, the job succeeded with its URL.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import hashlib
 import time
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlencode
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl
@@ -19,6 +24,8 @@ from wordclaw_mcp import http, ratelimit, redaction, text
 from wordclaw_mcp.adapters import (
     DeliveryResult,
     DeliveryTarget,
+    ResendSafety,
+    current_attempt,
 )
 from wordclaw_mcp.models import ContentItem, TransformPolicy
 
@@ -59,6 +66,8 @@ class BlueskyAdapter(SocialAdapter):
     secrets_model = BlueskySecrets
     secrets_required = True
     counting = "bluesky"
+    # Each job posts under its own record key, which the adapter reads back before posting again.
+    resend = ResendSafety("collision_check")
 
     def transform(self, content: ContentItem, policy: TransformPolicy) -> dict[str, Any]:
         post = self.fit(content, policy).text
@@ -74,10 +83,20 @@ class BlueskyAdapter(SocialAdapter):
         started = time.monotonic()
         try:
             session = await self._session(target.id, base, config.identifier, password)
+            if current_attempt.get().may_have_posted_before and (
+                found := await self._posted(base, session, rkey, password)
+            ):
+                return found
             answer = await self._create(base, session, rkey, payload)
             if _error(answer) == "ExpiredToken":
                 session = await self._refresh(target.id, base, session, config.identifier, password)
                 answer = await self._create(base, session, rkey, payload)
+            # A 5xx may be the PDS refusing a key already used (or failing after the write); some
+            # servers say "already exists" instead. Either way the record decides.
+            if (answer.status >= 500 or _already_exists(answer)) and (
+                found := await self._posted(base, session, rkey, password)
+            ):
+                return found
         except BlueskyError as exc:
             return exc.result
         except http.HttpError as exc:
@@ -124,6 +143,27 @@ class BlueskyAdapter(SocialAdapter):
             await self.store.put_session(target_id, fresh)
         return fresh
 
+    async def _posted(self, base: str, session: dict[str, str], rkey: str, password: str) -> DeliveryResult | None:
+        """The job's post, if a record is already there under its key (an earlier attempt made it).
+
+        None when the PDS says there is none; a PDS that cannot tell raises, so that nothing is
+        posted on a guess.
+        """
+        query = urlencode({"repo": session["did"], "collection": POST_COLLECTION, "rkey": rkey})
+        answer = await self.http.request(
+            "GET", f"{base}/xrpc/com.atproto.repo.getRecord?{query}", timeout=self.options.timeout
+        )
+        if answer.status == 200:
+            return DeliveryResult(
+                succeeded=True,
+                status_code=200,
+                external_url=WEB_POST.format(did=session["did"], rkey=rkey),
+                raw_meta={"rkey": rkey, "uri": (answer.json_or_none() or {}).get("uri"), "foundExisting": True},
+            )
+        if answer.status == 400 and _error(answer) == "RecordNotFound":
+            return None
+        raise BlueskyError(_failure(answer, password, "Checking for an earlier post failed"))
+
     async def _create(self, base: str, session: dict[str, str], rkey: str, payload: dict[str, Any]) -> http.Answer:
         record = {
             "$type": POST_COLLECTION,
@@ -154,11 +194,12 @@ def _outcome(answer: http.Answer, did: str, rkey: str, password: str, *, elapsed
         return DeliveryResult(
             succeeded=True, status_code=200, external_url=url, raw_meta={**meta, "uri": body.get("uri")}
         )
-    message = str((answer.json_or_none() or {}).get("message") or "")
-    if answer.status == 400 and "already exists" in message.lower():
-        # An earlier attempt made this post and its answer was lost: it is there, once.
-        return DeliveryResult(succeeded=True, status_code=400, external_url=url, raw_meta={**meta, "collided": True})
     return _failure(answer, password, "Posting failed")
+
+
+def _already_exists(answer: http.Answer) -> bool:
+    body = answer.json_or_none()
+    return answer.status == 400 and isinstance(body, dict) and "already exists" in str(body.get("message")).lower()
 
 
 def _failure(answer: http.Answer, password: str, doing: str) -> DeliveryResult:
@@ -176,4 +217,5 @@ def _failure(answer: http.Answer, password: str, doing: str) -> DeliveryResult:
         raw_meta={"responseBody": redaction.scrub(answer.text, [password])},
         throttled=throttled,
         throttled_until=until,
+        refused=400 <= answer.status < 500,
     )
