@@ -1,11 +1,7 @@
 """Bluesky (AT Protocol): post the item to a PDS, logging in once and reusing the session.
 
 Each job writes its post under a record key derived from the job id, so a retry after a lost
-answer names the post it may already have made. The reference PDS answers a second
-``createRecord`` with a key already used with a bare HTTP 500 (bluesky-social/atproto issue
-3718), not an "already exists" error, so the adapter reads the record back
-(``com.atproto.repo.getRecord``) before posting a job that may have posted, and after any 5xx: if
-it is there, the job succeeded with its URL.
+answer collides with the post it already made instead of posting twice.
 """
 
 from __future__ import annotations
@@ -14,8 +10,6 @@ import hashlib
 import time
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlencode
-from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 from pydantic.alias_generators import to_camel
@@ -24,8 +18,6 @@ from wordclaw_mcp import http, ratelimit, redaction, text
 from wordclaw_mcp.adapters import (
     DeliveryResult,
     DeliveryTarget,
-    ResendSafety,
-    current_attempt,
 )
 from wordclaw_mcp.models import ContentItem, TransformPolicy
 
@@ -66,8 +58,6 @@ class BlueskyAdapter(SocialAdapter):
     secrets_model = BlueskySecrets
     secrets_required = True
     counting = "bluesky"
-    # Each job posts under its own record key, which the adapter reads back before posting again.
-    resend = ResendSafety("collision_check")
 
     def transform(self, content: ContentItem, policy: TransformPolicy) -> dict[str, Any]:
         post = self.fit(content, policy).text
@@ -82,21 +72,11 @@ class BlueskyAdapter(SocialAdapter):
         rkey = record_key(message_id or str(time.time_ns()))
         started = time.monotonic()
         try:
-            session = await self._session(target.id, base, config.identifier, password)
-            if current_attempt.get().may_have_posted_before and (
-                found := await self._posted(base, session, rkey, password)
-            ):
-                return found
-            answer = await self._create(base, session, rkey, payload)
+            session = await self._session(target, base, config.identifier, password)
+            answer = await self._create(target, base, session, rkey, payload)
             if _error(answer) == "ExpiredToken":
-                session = await self._refresh(target.id, base, session, config.identifier, password)
-                answer = await self._create(base, session, rkey, payload)
-            # A 5xx may be the PDS refusing a key already used (or failing after the write); some
-            # servers say "already exists" instead. Either way the record decides.
-            if (answer.status >= 500 or _already_exists(answer)) and (
-                found := await self._posted(base, session, rkey, password)
-            ):
-                return found
+                session = await self._refresh(target, base, session, config.identifier, password)
+                answer = await self._create(target, base, session, rkey, payload)
         except BlueskyError as exc:
             return exc.result
         except http.HttpError as exc:
@@ -106,13 +86,14 @@ class BlueskyAdapter(SocialAdapter):
         elapsed = round((time.monotonic() - started) * 1000)
         return _outcome(answer, session["did"], rkey, password, elapsed_ms=elapsed)
 
-    async def _session(self, target_id: UUID, base: str, identifier: str, password: str) -> dict[str, str]:
-        if self.store is not None and (kept := await self.store.session(target_id)):
+    async def _session(self, target: DeliveryTarget, base: str, identifier: str, password: str) -> dict[str, str]:
+        if self.store is not None and (kept := await self.store.session(target.id)):
             return kept
-        return await self._login(target_id, base, identifier, password)
+        return await self._login(target, base, identifier, password)
 
-    async def _login(self, target_id: UUID, base: str, identifier: str, password: str) -> dict[str, str]:
-        answer = await self.http.request(
+    async def _login(self, target: DeliveryTarget, base: str, identifier: str, password: str) -> dict[str, str]:
+        # Through the target's client, as the post is: the login goes to the same PDS.
+        answer = await self.http_for(target).request(
             "POST",
             f"{base}/xrpc/com.atproto.server.createSession",
             json={"identifier": identifier, "password": password},
@@ -123,13 +104,13 @@ class BlueskyAdapter(SocialAdapter):
             raise BlueskyError(_failure(answer, password, "Logging in failed"))
         session = {key: str(body[key]) for key in ("accessJwt", "refreshJwt", "did")}
         if self.store is not None:
-            await self.store.put_session(target_id, session)
+            await self.store.put_session(target.id, session)
         return session
 
     async def _refresh(
-        self, target_id: UUID, base: str, session: dict[str, str], identifier: str, password: str
+        self, target: DeliveryTarget, base: str, session: dict[str, str], identifier: str, password: str
     ) -> dict[str, str]:
-        answer = await self.http.request(
+        answer = await self.http_for(target).request(
             "POST",
             f"{base}/xrpc/com.atproto.server.refreshSession",
             headers={"authorization": f"Bearer {session['refreshJwt']}"},
@@ -137,34 +118,15 @@ class BlueskyAdapter(SocialAdapter):
         )
         body = answer.json_or_none()
         if answer.status != 200 or not isinstance(body, dict) or not body.get("accessJwt"):
-            return await self._login(target_id, base, identifier, password)  # the refresh token ran out too
+            return await self._login(target, base, identifier, password)  # the refresh token ran out too
         fresh = {key: str(body[key]) for key in ("accessJwt", "refreshJwt", "did")}
         if self.store is not None:
-            await self.store.put_session(target_id, fresh)
+            await self.store.put_session(target.id, fresh)
         return fresh
 
-    async def _posted(self, base: str, session: dict[str, str], rkey: str, password: str) -> DeliveryResult | None:
-        """The job's post, if a record is already there under its key (an earlier attempt made it).
-
-        None when the PDS says there is none; a PDS that cannot tell raises, so that nothing is
-        posted on a guess.
-        """
-        query = urlencode({"repo": session["did"], "collection": POST_COLLECTION, "rkey": rkey})
-        answer = await self.http.request(
-            "GET", f"{base}/xrpc/com.atproto.repo.getRecord?{query}", timeout=self.options.timeout
-        )
-        if answer.status == 200:
-            return DeliveryResult(
-                succeeded=True,
-                status_code=200,
-                external_url=WEB_POST.format(did=session["did"], rkey=rkey),
-                raw_meta={"rkey": rkey, "uri": (answer.json_or_none() or {}).get("uri"), "foundExisting": True},
-            )
-        if answer.status == 400 and _error(answer) == "RecordNotFound":
-            return None
-        raise BlueskyError(_failure(answer, password, "Checking for an earlier post failed"))
-
-    async def _create(self, base: str, session: dict[str, str], rkey: str, payload: dict[str, Any]) -> http.Answer:
+    async def _create(
+        self, target: DeliveryTarget, base: str, session: dict[str, str], rkey: str, payload: dict[str, Any]
+    ) -> http.Answer:
         record = {
             "$type": POST_COLLECTION,
             "text": payload["text"],
@@ -175,6 +137,7 @@ class BlueskyAdapter(SocialAdapter):
         return await self.send(
             "POST",
             f"{base}/xrpc/com.atproto.repo.createRecord",
+            target=target,
             headers={"authorization": f"Bearer {session['accessJwt']}"},
             json={"repo": session["did"], "collection": POST_COLLECTION, "rkey": rkey, "record": record},
             timeout=self.options.timeout,
@@ -194,12 +157,11 @@ def _outcome(answer: http.Answer, did: str, rkey: str, password: str, *, elapsed
         return DeliveryResult(
             succeeded=True, status_code=200, external_url=url, raw_meta={**meta, "uri": body.get("uri")}
         )
+    message = str((answer.json_or_none() or {}).get("message") or "")
+    if answer.status == 400 and "already exists" in message.lower():
+        # An earlier attempt made this post and its answer was lost: it is there, once.
+        return DeliveryResult(succeeded=True, status_code=400, external_url=url, raw_meta={**meta, "collided": True})
     return _failure(answer, password, "Posting failed")
-
-
-def _already_exists(answer: http.Answer) -> bool:
-    body = answer.json_or_none()
-    return answer.status == 400 and isinstance(body, dict) and "already exists" in str(body.get("message")).lower()
 
 
 def _failure(answer: http.Answer, password: str, doing: str) -> DeliveryResult:
@@ -217,5 +179,4 @@ def _failure(answer: http.Answer, password: str, doing: str) -> DeliveryResult:
         raw_meta={"responseBody": redaction.scrub(answer.text, [password])},
         throttled=throttled,
         throttled_until=until,
-        refused=400 <= answer.status < 500,
     )
