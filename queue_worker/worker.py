@@ -19,7 +19,7 @@ import anyio
 import asyncpg
 
 from wordclaw_mcp import queries, redaction, retention
-from wordclaw_mcp.database import CONNECTION_ERRORS
+from wordclaw_mcp.database import CONNECTION_ERRORS, transaction
 from wordclaw_mcp.errors import DistributionError
 from wordclaw_mcp.keys import verify_stored_secrets
 from wordclaw_mcp.notifications import CANCEL_CHANNEL, JOBS_CHANNEL
@@ -664,7 +664,7 @@ class Worker:
         if conn is not None:
             statuses = await self._record(outcomes, conn)
         elif any(o.result.throttled or o.result.target_gone for o in outcomes):
-            async with self.pool.acquire() as acquired, acquired.transaction():
+            async with self.pool.acquire() as acquired, transaction(acquired):
                 statuses = await self._record(outcomes, acquired)
         else:
             statuses = await self._record(outcomes, self.pool)  # one statement: its own transaction

@@ -23,7 +23,7 @@ from uuid import UUID
 
 from pydantic import BaseModel
 
-from . import text
+from . import errors, text
 from .errors import DistributionError
 from .http import DEFAULT_LIMIT, DEFAULT_LIMIT_PER_HOST, Answer, ConnectError, HttpClient, TargetRefused
 from .models import ContentItem, TransformPolicy
@@ -409,12 +409,7 @@ class AdapterRegistry:
         try:
             return self._adapters[channel_type]
         except KeyError:
-            raise DistributionError(
-                "UNSUPPORTED_CHANNEL_TYPE",
-                f"No adapter handles channel type {channel_type!r}.",
-                f"Use one of: {', '.join(self.channel_types)}.",
-                supportedChannelTypes=self.channel_types,
-            ) from None
+            raise errors.unsupported_channel_type(channel_type, self.channel_types) from None
 
     async def aclose(self) -> None:
         for adapter in self._adapters.values():

@@ -306,6 +306,14 @@ WHERE t.id = j.target_id AND t.active AND j.status = 'failed'
 RETURNING j.id
 """
 
+# What a redrive that queued nothing named, to tell "nothing failed" from "no such id": $1 job
+# ids, $2 plan, $3 target.
+REDRIVE_SUBJECTS = """
+SELECT EXISTS (SELECT 1 FROM distribution_plans WHERE id = $2) AS plan_exists,
+       EXISTS (SELECT 1 FROM distribution_targets WHERE id = $3) AS target_exists,
+       ARRAY(SELECT id FROM distribution_jobs WHERE id = ANY ($1::uuid[])) AS job_ids
+"""
+
 GET_JOBS = """
 SELECT j.id, j.plan_id, j.status, j.target_id, t.active AS target_active
 FROM distribution_jobs j JOIN distribution_targets t ON t.id = j.target_id

@@ -17,7 +17,7 @@ from mcp.server.mcpserver.exceptions import ResourceError, ToolError
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field, ValidationError
 
-from . import access, errors
+from . import __version__, access, errors
 from .bearer import AGENT_STATE
 from .config import Settings
 from .database import CONNECTION_ERRORS
@@ -313,7 +313,9 @@ def build_server(settings: Settings | None = None, *, checked: bool = False) -> 
                 finally:
                     worker.stop()
 
-    server = WordClawServer("wordclaw-distribution", instructions=INSTRUCTIONS, lifespan=lifespan)
+    server = WordClawServer(
+        "wordclaw-distribution", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan
+    )
     for spec in TOOLS:
         add_model_tool(server, spec)
 
