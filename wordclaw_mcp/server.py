@@ -194,8 +194,9 @@ TOOLS: tuple[ToolSpec, ...] = (
         PlanRef,
         Plan,
         "distribution:write",
-        "Cancel a plan: queued jobs end cancelled at once. An attempt in flight finishes; it stays succeeded "
-        "if it delivered, and otherwise ends cancelled, never retried.",
+        "Cancel a plan: queued jobs end cancelled at once, and a delivery in flight is stopped and ends "
+        "cancelled, never retried, with a receipt that says whether the request had been sent. A job that "
+        "delivered before the cancel stays succeeded. Cancelling twice is harmless.",
     ),
     ToolSpec(
         "get_receipts", PlanRef, ReceiptList, "distribution:read", "Every attempt's receipt for a plan.", read_only=True
