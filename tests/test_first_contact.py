@@ -18,7 +18,7 @@ from mcp import Client, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
 
-from tests.helpers import call, eventually, publish
+from tests.helpers import call, database_name, eventually, publish
 from tests.test_processes import BIN, external_database_env
 from wordclaw_mcp.config import Settings
 from wordclaw_mcp.models import PlanRef
@@ -84,7 +84,7 @@ async def _waiting_on_a_lock(conn: asyncpg.Connection, database_url: str) -> boo
     return bool(
         await conn.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock'",
-            database_url.rsplit("/", 1)[1].split("?")[0],
+            database_name(database_url),
         )
     )
 
