@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import signal
@@ -21,6 +22,7 @@ from mcp.client.streamable_http import streamable_http_client
 from tests.helpers import call, database_name, eventually, publish
 from tests.test_processes import BIN, external_database_env
 from wordclaw_mcp.config import Settings
+from wordclaw_mcp.database import transaction
 from wordclaw_mcp.models import PlanRef
 from wordclaw_mcp.receiver import WebhookReceiver
 from wordclaw_mcp.server import build_server
@@ -71,7 +73,7 @@ async def test_a_stdio_session_that_ends_during_a_call_leaves_no_error_on_stderr
                     async with anyio.create_task_group() as calls:
                         arguments = {"contentItemId": item["id"], "targetIds": [target["id"]]}
                         calls.start_soon(client.call_tool, "create_distribution_plan", arguments)
-                        await eventually(lambda: _waiting_on_a_lock(locker, database_url))
+                        await eventually(lambda: _waiting_on_a_lock(database_url))
                         calls.cancel_scope.cancel()
     finally:
         await locker.close()
@@ -80,13 +82,19 @@ async def test_a_stdio_session_that_ends_during_a_call_leaves_no_error_on_stderr
     assert await _count(database_url, "SELECT count(*) FROM distribution_plans") == 0
 
 
-async def _waiting_on_a_lock(conn: asyncpg.Connection, database_url: str) -> bool:
-    return bool(
-        await conn.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock'",
-            database_name(database_url),
+async def _waiting_on_a_lock(database_url: str) -> bool:
+    """Whether a session on the database waits on a lock. Asked on a connection of its own: one in a
+    transaction would see pg_stat_activity as it was when the transaction first read it."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        return bool(
+            await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock'",
+                database_name(database_url),
+            )
         )
-    )
+    finally:
+        await conn.close()
 
 
 async def _count(database_url: str, sql: str) -> int:
@@ -95,6 +103,46 @@ async def _count(database_url: str, sql: str) -> int:
         return await conn.fetchval(sql)
     finally:
         await conn.close()
+
+
+async def test_a_transaction_cancelled_inside_ends_before_its_connection_goes_back_to_the_pool(
+    service: DistributionService, db: asyncpg.Connection, database_url: str
+) -> None:
+    # asyncpg reports a connection released in a transaction through the loop's exception handler.
+    reported: list[str] = []
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: reported.append(context["message"]))
+
+    async def insert() -> None:
+        async with service.pool.acquire() as conn, transaction(conn):
+            await conn.execute("INSERT INTO tenants (id) VALUES ('cancelled-inside')")
+
+    try:
+        async with db.transaction():
+            # The insert waits on this lock when it is cancelled, as a call does when its session ends.
+            await db.execute("LOCK TABLE tenants IN ACCESS EXCLUSIVE MODE")
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(insert)
+                await eventually(lambda: _waiting_on_a_lock(database_url))
+                tasks.cancel_scope.cancel()
+    finally:
+        loop.set_exception_handler(previous)
+    assert reported == []
+    assert await db.fetchval("SELECT count(*) FROM tenants WHERE id = 'cancelled-inside'") == 0
+
+
+def test_every_transaction_goes_through_the_one_that_always_ends() -> None:
+    root = Path(__file__).parent.parent
+    sources = [*(root / "wordclaw_mcp").rglob("*.py"), *(root / "queue_worker").rglob("*.py")]
+    direct = [
+        f"{path}:{number}"
+        for path in sources
+        if path.name != "database.py"
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if ".transaction(" in line
+    ]
+    assert direct == [], "use wordclaw_mcp.database.transaction(conn), not conn.transaction()"
 
 
 # --- the HTTP server --------------------------------------------------------------------------------
