@@ -15,6 +15,9 @@ import asyncpg
 import httpx2
 import pytest
 from anyio.streams.text import TextReceiveStream
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from mcp import Client, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
@@ -25,7 +28,7 @@ from wordclaw_mcp.config import Settings
 from wordclaw_mcp.database import transaction
 from wordclaw_mcp.models import PlanRef
 from wordclaw_mcp.receiver import WebhookReceiver
-from wordclaw_mcp.server import build_server
+from wordclaw_mcp.server import TOOLS, build_server
 from wordclaw_mcp.service import DistributionService
 
 pytestmark = pytest.mark.anyio
@@ -143,6 +146,48 @@ def test_every_transaction_goes_through_the_one_that_always_ends() -> None:
         if ".transaction(" in line
     ]
     assert direct == [], "use wordclaw_mcp.database.transaction(conn), not conn.transaction()"
+
+
+# --- tool errors ---------------------------------------------------------------------------------------
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20) | st.uuids().map(str),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=6,
+)
+TOOL_CALLS = st.tuples(
+    st.sampled_from([spec.name for spec in TOOLS] + ["no_such_tool"]),
+    st.dictionaries(
+        st.sampled_from(["planId", "targetId", "contentItemId", "targetIds", "title", "body", "name", "config"])
+        | st.text(max_size=10),
+        JSON_VALUES,
+        max_size=4,
+    ),
+)
+
+
+async def test_every_tool_error_is_coded_json_text_with_no_structured_content(mcp_client_no_worker: Client) -> None:
+    """Whatever the arguments: an error is readable by every client (its JSON in the text, nothing in
+    structuredContent for the output schema to reject), and a success matches its output schema
+    (the SDK's client checks it)."""
+
+    async def make_calls(calls: list[tuple[str, dict]]) -> None:
+        for tool, arguments in calls:
+            result = await mcp_client_no_worker.call_tool(tool, arguments)
+            if not result.is_error:
+                continue
+            assert result.structured_content is None, (tool, arguments, result)
+            [block] = result.content
+            error = json.loads(block.text)["error"]
+            assert re.fullmatch(r"[A-Z][A-Z_]+", error["code"]) and error["message"] and error["remediation"]
+
+    # Hypothesis drives from a thread; the calls run on this test's event loop, where the client lives.
+    @hypothesis_settings(max_examples=40, deadline=None)
+    @given(calls=st.lists(TOOL_CALLS, min_size=1, max_size=6))
+    def check(calls: list[tuple[str, dict]]) -> None:
+        anyio.from_thread.run(make_calls, calls)
+
+    await anyio.to_thread.run_sync(check)
 
 
 # --- the HTTP server --------------------------------------------------------------------------------
