@@ -109,7 +109,10 @@ CREATE TABLE IF NOT EXISTS distribution_targets (
     -- A short fingerprint of the target's secrets, so that they can be told apart without being shown.
     secret_fingerprint text,
     -- Why it was deactivated, when it says (TARGET_GONE for a 410): its queued jobs fail with it.
-    deactivated_reason text
+    deactivated_reason text,
+    -- Whether the server that registered it allowed loopback, private and reserved addresses
+    -- (WORDCLAW_ALLOW_PRIVATE_TARGETS): workers deliver it under that policy, with or without the setting.
+    private_addresses_allowed boolean NOT NULL DEFAULT false
 );
 
 -- Target names are unique within a tenant: a name taken in another tenant says nothing.

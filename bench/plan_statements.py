@@ -78,6 +78,7 @@ async def run(args: argparse.Namespace) -> None:
                             None,
                             BENCH_TENANT,
                             None,
+                            False,
                         )
                     )["id"]
                     for i in range(TARGETS)

@@ -192,7 +192,7 @@ async def enqueue_wordclaw(runtime: Runtime, adapter: NoopAdapter, config: Confi
     payload = adapter.transform(content, TransformPolicy())
     options = {"transformPolicy": TransformPolicy().model_dump(mode="json", by_alias=True)}
     target_row = await pool.fetchrow(
-        queries.INSERT_TARGET, uuid.uuid4(), "noop-target", NOOP, {}, None, None, None, None, BENCH_TENANT, None
+        queries.INSERT_TARGET, uuid.uuid4(), "noop-target", NOOP, {}, None, None, None, None, BENCH_TENANT, None, False
     )
     target_id: UUID = target_row["id"]
 

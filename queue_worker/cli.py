@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import anyio
 
-from wordclaw_mcp.cli import configure_logging, event_loop_options, report_failure
+from wordclaw_mcp.cli import add_process_options, configure_logging, event_loop_options, report_failure
 from wordclaw_mcp.config import Settings
 from wordclaw_mcp.errors import DistributionError
 from wordclaw_mcp.runtime import Runtime
@@ -40,7 +40,7 @@ async def _stop_on_signal(worker: Worker) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="wordclaw-worker", description=__doc__)
     parser.add_argument("--concurrency", type=int, help="deliveries in flight at once")
-    parser.add_argument("--log-level", default="INFO")
+    add_process_options(parser, log_level="INFO")
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
     try:

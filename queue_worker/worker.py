@@ -20,7 +20,7 @@ import anyio
 import asyncpg
 
 from wordclaw_mcp import queries, redaction, retention
-from wordclaw_mcp.database import CONNECTION_ERRORS
+from wordclaw_mcp.database import CONNECTION_ERRORS, transaction
 from wordclaw_mcp.errors import DistributionError
 from wordclaw_mcp.keys import verify_stored_secrets
 from wordclaw_mcp.notifications import CANCEL_CHANNEL, JOBS_CHANNEL
@@ -123,6 +123,8 @@ class ClaimedJob:
     denied: str | None = None
     # The claim this worker holds: every write about the attempt names it.
     claim_token: UUID | None = None
+    # Whether the server that registered the target allowed private addresses.
+    private_addresses_allowed: bool = False
     # How long before the claim (database clock) an attempt may first have reached the channel.
     maybe_sent_seconds_ago: float | None = None
     # Whether the target was backing off a 429 when claimed: a success resets it.
@@ -770,7 +772,13 @@ class Worker:
         used = [*secrets.values()]  # and what the adapter declares it came by (declare_secrets)
         declared = delivery_secrets.set(used)
         try:
-            target = DeliveryTarget(id=job.target_id, name=job.target_name, config=job.config, secrets=secrets)
+            target = DeliveryTarget(
+                id=job.target_id,
+                name=job.target_name,
+                config=job.config,
+                secrets=secrets,
+                private_addresses_allowed=job.private_addresses_allowed,
+            )
             result = await adapter.deliver(job.payload, target, message_id=str(job.id))
         except DistributionError as exc:
             result = DeliveryResult(succeeded=False, error=f"{exc.code}: {exc.message}")
@@ -816,7 +824,7 @@ class Worker:
         if conn is not None:
             statuses = await self._record(outcomes, conn)
         elif any(o.result.throttled for o in outcomes):
-            async with self.pool.acquire() as acquired, acquired.transaction():
+            async with self.pool.acquire() as acquired, transaction(acquired):
                 statuses = await self._record(outcomes, acquired)
         else:
             statuses = await self._record(outcomes, self.pool)  # one statement: its own transaction

@@ -13,6 +13,7 @@ from uuid import UUID
 import anyio
 import asyncpg
 from mcp import Client
+from mcp.types import CallToolResult
 
 from queue_worker.adapters.webhook import new_signing_secret  # noqa: F401 - re-exported for the tests
 from wordclaw_mcp.models import (
@@ -41,14 +42,26 @@ async def call(client: Client, tool: str, **arguments: Any) -> dict[str, Any]:
 
 
 async def call_error(client: Client, tool: str, **arguments: Any) -> dict[str, Any]:
-    """Call a tool that must fail with a coded error; returns {code, message, remediation}."""
+    """Call a tool that must fail with a coded error; returns {code, message, remediation}.
+
+    The error is JSON text with no structuredContent: that must match the tool's output schema,
+    which describes a success (tests/test_inspector.py shows why).
+    """
     result = await client.call_tool(tool, arguments)
     assert result.is_error, result.structured_content
-    error = json.loads(result.content[0].text)["error"]
-    assert error == (result.structured_content or {}).get("error")
+    assert result.structured_content is None, result.structured_content
+    [block] = result.content
+    error = json.loads(block.text)["error"]
     assert set(error) >= {"code", "message", "remediation"}
-    assert "Traceback" not in result.content[0].text
+    assert "Traceback" not in block.text
     return error
+
+
+def answer_of(result: CallToolResult) -> dict[str, Any]:
+    """A tool's answer as a dict: a success's structured content, or an error's ``{"error": …}``."""
+    if result.is_error:
+        return json.loads(result.content[0].text)
+    return result.structured_content or {}
 
 
 async def eventually(check: Callable[[], Awaitable[T]], *, within: float = 10.0, interval: float = 0.05) -> T:

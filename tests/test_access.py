@@ -18,7 +18,7 @@ import pytest
 from mcp import Client
 
 from queue_worker.worker import Worker
-from tests.helpers import call, call_error, eventually
+from tests.helpers import answer_of, call, call_error, eventually
 from wordclaw_mcp.access import AccessService
 from wordclaw_mcp.config import Settings
 from wordclaw_mcp.errors import DistributionError
@@ -532,7 +532,7 @@ async def test_two_concurrent_plans_cannot_overspend_a_budget_of_one(
                     "allowDuplicate": True,
                 },
             )
-            answers.append(result.structured_content)
+            answers.append(answer_of(result))
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(plan, first)
@@ -600,7 +600,7 @@ async def race(client_count: int, settings: Settings, arguments: dict[str, Any])
         async def one(client: Client) -> None:
             await go.wait()
             result = await client.call_tool("create_distribution_plan", arguments)
-            answers.append(result.structured_content or {})
+            answers.append(answer_of(result))
 
         async with anyio.create_task_group() as tg:
             for client in clients:

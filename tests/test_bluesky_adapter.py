@@ -6,6 +6,7 @@ bare 500), so a retry finds its post instead of posting twice or failing for eve
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import asyncpg
 import pytest
@@ -13,7 +14,9 @@ import pytest
 from queue_worker.adapters.bluesky import record_key
 from queue_worker.worker import Worker
 from tests.fake_bluesky import DID, FakeBluesky
+from wordclaw_mcp.config import Settings
 from wordclaw_mcp.models import CreateDistributionPlanInput, PlanRef, RegisterTargetInput, UpsertContentItemInput
+from wordclaw_mcp.runtime import Runtime
 from wordclaw_mcp.service import DistributionService
 from wordclaw_mcp.text import link_facets
 
@@ -76,6 +79,24 @@ async def test_an_expired_session_is_refreshed(service: DistributionService, wor
     await worker.run_once()
     assert (await service.get_plan(PlanRef(plan_id=plan.id))).status == "succeeded"
     assert (pds.account.sessions, pds.account.refreshes) == (2, 1)
+
+
+async def test_a_worker_without_the_setting_logs_in_refreshes_and_posts_to_a_pds_on_loopback(
+    service: DistributionService, settings: Settings, pds: FakeBluesky
+) -> None:
+    # The PDS listens on 127.0.0.1, which the target was registered as allowed to reach (the
+    # settings fixture's server): login, refresh and post all go by the target's policy.
+    registered = await target(service, pds)
+    async with Runtime.open(replace(settings, allow_private_targets=False)) as strict:
+        first = await publish(service, registered.id)
+        await Worker(strict).run_once()
+        pds.account.expire_sessions()
+        second = await publish(service, registered.id, title="After expiry")
+        await Worker(strict).run_once()
+    for plan in (first, second):
+        done = await service.get_plan(PlanRef(plan_id=plan.id))
+        assert done.status == "succeeded", done.jobs[0].last_error
+    assert (pds.account.sessions, pds.account.refreshes, len(pds.account.records)) == (2, 1, 2)
 
 
 async def test_a_retry_after_a_lost_answer_reads_its_post_back_instead_of_posting_again(

@@ -411,3 +411,23 @@ def test_without_the_body_the_message_carries_the_summary_and_the_link() -> None
     )
     payload = EmailAdapter().transform(item, TransformPolicy(include_body=False))
     assert payload["text"] == "Short.\n\nhttps://e.com/p" and "whole" not in payload["html"]
+
+
+async def test_a_mail_server_on_loopback_is_reached_under_the_policy_its_target_was_registered_with(
+    service: DistributionService, settings: Settings, mailbox: tuple[Mailbox, int]
+) -> None:
+    # Registered where private addresses are allowed (the settings fixture's server), delivered by a
+    # worker without WORDCLAW_ALLOW_PRIVATE_TARGETS: the target's recorded permission is what counts.
+    box, port = mailbox
+    allowed = await publish(service, port)
+    async with Runtime.open(replace(settings, allow_private_targets=False)) as strict:
+        assert await Worker(strict).run_once() == 1
+        # The same mail server as a target recorded under the strict policy (rows from before the
+        # policy was recorded read so) is refused before anything is sent.
+        refused = await publish(service, port)
+        await strict.pool.execute("UPDATE distribution_targets SET private_addresses_allowed = false")
+        assert await Worker(strict).run_once() == 1
+    assert (await service.get_plan(PlanRef(plan_id=allowed.id))).status == "succeeded"
+    failed = await service.get_plan(PlanRef(plan_id=refused.id))
+    assert failed.jobs[0].last_error.startswith("TARGET_ADDRESS_FORBIDDEN"), failed.jobs[0].last_error
+    assert len(box.received) == 1

@@ -141,6 +141,7 @@ async def test_targets_stored_before_urls_were_sealed_are_listed_redacted_and_st
         None,
         "default",
         None,
+        True,  # registered where loopback targets are allowed, as the receiver needs
     )
 
     listed = (await service.list_targets()).targets

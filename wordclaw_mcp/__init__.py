@@ -1,5 +1,6 @@
 """WordClaw Distribution: publish a content item once, fan it out to many channels."""
 
+from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 from .config import Settings
@@ -10,7 +11,11 @@ if TYPE_CHECKING:
     from .service import DistributionService
 
 __all__ = ["DistributionError", "DistributionService", "Settings", "build_server"]
-__version__ = "0.1.0"
+try:
+    # The installed distribution's, so that --version and the MCP serverInfo say what pyproject.toml does.
+    __version__ = version("wordclaw-distribution")
+except PackageNotFoundError:  # a source tree on sys.path that was never installed
+    __version__ = "0+unknown"
 
 
 def __getattr__(name: str) -> Any:

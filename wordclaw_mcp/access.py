@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import secrets
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
@@ -19,6 +20,7 @@ from uuid import UUID
 import asyncpg
 
 from . import errors, queries
+from .database import transaction
 from .errors import DistributionError
 from .models import SCOPES, Agent, ContentItem, Decision, Entitlement, TransformPolicy
 
@@ -233,7 +235,7 @@ class AccessService:
         if not name.strip():
             raise errors.validation_error("An agent needs a name.")
         key = new_key()
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.pool.acquire() as conn, transaction(conn):
             try:
                 await conn.execute(queries.ENSURE_TENANT, tenant)
             except asyncpg.CheckViolationError:
@@ -290,9 +292,17 @@ class AccessService:
         excerpt_only: bool = False,
         max_excerpt_chars: int | None = None,
         max_distributions: int | None = None,
+        channel_types: Collection[str] | None = None,
     ) -> Entitlement:
+        """Grant ``agent_id`` rights over an item (or all of its tenant's). ``channel_types``, when
+        given, are the channels that exist: a grant naming another would cover nothing, so it is
+        refused rather than stored."""
         if any(limit is not None and limit < 1 for limit in (max_excerpt_chars, max_distributions)):
             raise errors.validation_error("--max-excerpt-chars and --max-distributions must be at least 1.")
+        if channel_types is not None:
+            for channel in allowed_channels or []:
+                if channel not in channel_types:
+                    raise errors.unsupported_channel_type(channel, sorted(channel_types))
         if await self.pool.fetchrow(queries.GET_AGENT, agent_id) is None:
             raise agent_not_found(agent_id)
         row = await self.pool.fetchrow(

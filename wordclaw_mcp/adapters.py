@@ -13,7 +13,7 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -23,7 +23,7 @@ from uuid import UUID
 
 from pydantic import BaseModel
 
-from . import text
+from . import errors, text
 from .errors import DistributionError
 from .http import DEFAULT_LIMIT, DEFAULT_LIMIT_PER_HOST, Answer, ConnectError, HttpClient, TargetRefused
 from .models import ContentItem, TransformPolicy
@@ -43,6 +43,9 @@ class DeliveryTarget:
     config: Mapping[str, Any]
     # Kept out of repr, which is what logs, tracebacks and debuggers print.
     secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
+    # The server that registered the target allowed loopback, private and reserved addresses
+    # (WORDCLAW_ALLOW_PRIVATE_TARGETS): it is delivered under that policy, whatever the worker's.
+    private_addresses_allowed: bool = False
 
 
 @dataclass(frozen=True)
@@ -188,8 +191,9 @@ class Adapter(ABC):
     default_max_concurrency: ClassVar[int | None] = None
     default_rate_per_minute: ClassVar[float | None] = None
 
-    # A class default, so that subclasses that never call Adapter.__init__ still work.
+    # Class defaults, so that subclasses that never call Adapter.__init__ still work.
     _http: HttpClient | None = None
+    _private_http: HttpClient | None = None
     # What the channel may keep in the database (a feed's entries); set by the registry.
     store: ChannelStore | None = None
 
@@ -208,13 +212,42 @@ class Adapter(ABC):
     def http(self, client: HttpClient) -> None:
         self._http = client
 
-    async def send(self, method: str, url: str, **options: Any) -> Answer:
-        """A delivery's request (``HttpClient.request``'s arguments), keeping ``delivery_progress``:
-        maybe sent from the start, sent once the channel answers, and not sent again when no
-        connection could be made (``TargetRefused``, ``ConnectError``, which it raises on)."""
+    @property
+    def private_http(self) -> HttpClient:
+        """The client for targets registered where private addresses were allowed, when this
+        process does not allow them itself (``http_for``)."""
+        if self._private_http is None:
+            self._private_http = replace(self.options, allow_private_targets=True).http_client()
+        return self._private_http
+
+    @private_http.setter
+    def private_http(self, client: HttpClient) -> None:
+        self._private_http = client
+
+    def allows_private(self, target: DeliveryTarget | None) -> bool:
+        """Whether a delivery to ``target`` may reach loopback, private and reserved addresses:
+        the server that registered it allowed them, or this process allows them itself."""
+        return self.options.allow_private_targets or (target is not None and target.private_addresses_allowed)
+
+    def http_for(self, target: DeliveryTarget | None) -> HttpClient:
+        """The HTTP client for requests on ``target``'s behalf (None: the process's own policy).
+
+        A target registered where private addresses were allowed, delivered by a process that
+        does not allow them, goes through a client of its own: a connection it opened to an
+        address the process's client refuses is never reused for another target's request.
+        """
+        if self.options.allow_private_targets or not self.allows_private(target):
+            return self.http
+        return self.private_http
+
+    async def send(self, method: str, url: str, *, target: DeliveryTarget | None = None, **options: Any) -> Answer:
+        """A delivery's request for ``target`` (``HttpClient.request``'s arguments), through the
+        client for its address policy (``http_for``), keeping ``delivery_progress``: maybe sent
+        from the start, sent once the channel answers, and not sent again when no connection
+        could be made (``TargetRefused``, ``ConnectError``, which it raises on)."""
         delivery_progress.set(Progress.MAYBE_SENT)
         try:
-            return await self.http.request(method, url, on_answer=_answered, **options)
+            return await self.http_for(target).request(method, url, on_answer=_answered, **options)
         except (TargetRefused, ConnectError):
             delivery_progress.set(Progress.NOT_SENT)
             raise
@@ -290,8 +323,9 @@ class Adapter(ABC):
 
     async def aclose(self) -> None:
         """Release connections. Subclasses that override it call it too."""
-        if self._http is not None:
-            await self._http.aclose()
+        for client in (self._http, self._private_http):
+            if client is not None:
+                await client.aclose()
 
 
 def body_source(content: ContentItem, policy: TransformPolicy) -> str:
@@ -413,11 +447,19 @@ class AdapterRegistry:
     def __init__(self, options: AdapterOptions | None = None, store: ChannelStore | None = None) -> None:
         options = options or AdapterOptions()
         # One HTTP client for every channel, so the process has one connection pool and one
-        # limit on connections, whatever the channels.
+        # limit on connections, whatever the channels; and, where this process refuses private
+        # addresses, a second for the targets registered where they were allowed, so that no
+        # connection made under that policy serves a target under the strict one.
         self.http = options.http_client()
+        self.private_http = (
+            self.http
+            if options.allow_private_targets
+            else replace(options, allow_private_targets=True).http_client()
+        )
         self._adapters = {name: cls(options) for name, cls in adapter_classes().items()}
         for adapter in self._adapters.values():
             adapter.http = self.http
+            adapter.private_http = self.private_http
             adapter.store = store
 
     def register(self, adapter: Adapter) -> None:
@@ -432,14 +474,10 @@ class AdapterRegistry:
         try:
             return self._adapters[channel_type]
         except KeyError:
-            raise DistributionError(
-                "UNSUPPORTED_CHANNEL_TYPE",
-                f"No adapter handles channel type {channel_type!r}.",
-                f"Use one of: {', '.join(self.channel_types)}.",
-                supportedChannelTypes=self.channel_types,
-            ) from None
+            raise errors.unsupported_channel_type(channel_type, self.channel_types) from None
 
     async def aclose(self) -> None:
         for adapter in self._adapters.values():
             await adapter.aclose()
         await self.http.aclose()
+        await self.private_http.aclose()

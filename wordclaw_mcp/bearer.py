@@ -8,6 +8,7 @@ gets the 404 an unknown session gets (mcp/server/streamable_http_manager.py)."""
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
@@ -74,18 +75,40 @@ async def _answer(send: Any, status: int, error: DistributionError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-async def serve_http(server: Any, settings: Settings, *, host: str, port: int, ready: Any = None) -> None:
-    """Serve ``server`` over streamable HTTP on host:port, every request authenticated."""
-    import uvicorn
+MCP_PATH = "/mcp"
 
+
+async def serve_http(server: Any, settings: Settings, *, host: str, port: int, ready: Any = None) -> None:
+    """Serve ``server`` over streamable HTTP on host:port, every request authenticated.
+
+    Once listening it says where on stderr (``wordclaw-mcp: serving MCP at http://…/mcp``): the
+    URL a client needs, with the port the system chose when ``port`` is 0.
+    """
     url = await resolve_url(settings)
     pool = await create_pool_for(settings, url, max_size=2)
     try:
-        app = BearerAuth(server.streamable_http_app(host=host), AccessService(pool))
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
-        http = uvicorn.Server(config)
+        app = BearerAuth(server.streamable_http_app(host=host, streamable_http_path=MCP_PATH), AccessService(pool))
+        http = _announcing_server(app, host=host, port=port)
         if ready is not None:
             ready(http)
         await http.serve()
     finally:
         await pool.close()
+
+
+def _announcing_server(app: Any, *, host: str, port: int) -> Any:
+    import uvicorn
+
+    class AnnouncingServer(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:
+                address, bound_port = self.servers[0].sockets[0].getsockname()[:2]
+                print(f"wordclaw-mcp: serving MCP at {served_url(address, bound_port)}", file=sys.stderr, flush=True)
+
+    return AnnouncingServer(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+
+
+def served_url(address: str, port: int) -> str:
+    host = f"[{address}]" if ":" in address else address
+    return f"http://{host}:{port}{MCP_PATH}"

@@ -13,13 +13,28 @@ from uuid import UUID
 import anyio
 import asyncpg
 
-from . import cli_access
+from . import __version__, cli_access
 from .access import AccessService, key_required
 from .bearer import serve_http
 from .config import Settings
 from .database import apply_schema, create_pool_for, resolve_url
 from .errors import DistributionError
 from .runtime import worker_component
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def add_process_options(parser: argparse.ArgumentParser, *, log_level: str) -> None:
+    """``--log-level`` (one of LOG_LEVELS, in any case; argparse refuses another with exit code 2)
+    and ``--version``, for the long-running commands."""
+    parser.add_argument(
+        "--log-level", type=str.upper, choices=LOG_LEVELS, default=log_level, help=f"default {log_level}"
+    )
+    add_version(parser)
+
+
+def add_version(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
 
 
 def configure_logging(level: str = "INFO") -> None:
@@ -150,13 +165,23 @@ def mcp_main(argv: list[str] | None = None) -> int:
         action="store_false",
         help="leave delivery to separate wordclaw-worker processes",
     )
-    parser.add_argument("--log-level", default="WARNING")
+    add_process_options(parser, log_level="WARNING")
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
     try:
         settings = Settings.from_env()
         if args.run_worker is not None:
             settings = replace(settings, run_worker=args.run_worker)
+        if args.transport == "streamable-http" and settings.agent_key:
+            # Over HTTP each request names its agent by its bearer key; a key in the environment
+            # (say, from an env file every process shares) would act for no one, so it is not
+            # checked, and a wrong or revoked one does not stop the server.
+            print(
+                "wordclaw-mcp: WORDCLAW_AGENT_KEY is not used over HTTP: every request authenticates with its "
+                "own `Authorization: Bearer wck_…` header.",
+                file=sys.stderr,
+            )
+            settings = replace(settings, agent_key=None)
         # Fail before serving, with one line, rather than from inside the protocol loop.
         anyio.run(check_before_serving, settings)
         if args.transport == "stdio" and not (settings.agent_key or settings.local_agent_allowed):
@@ -178,6 +203,7 @@ def mcp_main(argv: list[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="wordclaw", description="WordClaw Distribution operator commands.")
+    add_version(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     db = commands.add_parser("db", help="database commands").add_subparsers(dest="db_command", required=True)
     upgrade_cmd = db.add_parser(

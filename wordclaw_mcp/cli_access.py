@@ -12,6 +12,7 @@ from uuid import UUID
 import anyio
 
 from .access import DEFAULT_TENANT, AccessService
+from .adapters import adapter_classes
 from .config import Settings
 from .database import open_pool
 from .models import SCOPES, Agent, Entitlement
@@ -108,6 +109,7 @@ async def _entitlements(args: argparse.Namespace, access: AccessService) -> list
             excerpt_only=args.excerpt_only,
             max_excerpt_chars=args.max_excerpt_chars,
             max_distributions=args.max_distributions,
+            channel_types=adapter_classes().keys(),
         )
         return [_grant_line(granted)]
     if args.entitlements_command == "revoke":

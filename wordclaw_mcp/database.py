@@ -35,6 +35,36 @@ CONNECTION_ERRORS: tuple[type[Exception], ...] = (
     asyncpg.exceptions.OperatorInterventionError,
 )
 
+
+
+class _Transaction:
+    """``conn.transaction()`` whose end, the COMMIT or the ROLLBACK, is not cut short by a cancellation.
+
+    anyio's cancellation is level-triggered: a task cancelled inside a transaction (a tool call
+    whose session ended, a worker task stopped) has every later await cancelled too, the
+    ROLLBACK in asyncpg's ``__aexit__`` among them. The connection then went back to the pool
+    with its transaction open, and the pool's reset logged "Resetting connection with an active
+    transaction" before rolling it back itself. Shielded, the transaction ends as it should; the
+    pool's client-side timeout still bounds it.
+    """
+
+    def __init__(self, inner: asyncpg.transaction.Transaction) -> None:
+        self._inner = inner
+
+    async def __aenter__(self) -> None:
+        await self._inner.__aenter__()
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        with anyio.CancelScope(shield=True):
+            await self._inner.__aexit__(*exc_info)
+
+
+def transaction(conn: asyncpg.Connection, **options: Any) -> _Transaction:
+    """A transaction on ``conn`` (``Connection.transaction``'s options) that always ends: use it
+    instead of ``conn.transaction()``."""
+    return _Transaction(conn.transaction(**options))
+
+
 # --- migrations -------------------------------------------------------------------------------
 #
 # schema.sql is the whole current model, applied to a fresh database. A database made by an
@@ -115,7 +145,7 @@ async def apply_schema(
     """
     chain = load_migrations() if migrations is None else sorted(migrations, key=lambda migration: migration.version)
     release = chain[-1].version
-    async with conn.transaction():
+    async with transaction(conn):
         # Before the lock: waiting for another process's migration must not time out either.
         await conn.execute(queries.SCHEMA_LIFT_TIMEOUTS, timeout=SCHEMA_STATEMENT_TIMEOUT)
         await conn.execute(queries.SCHEMA_LOCK, timeout=SCHEMA_STATEMENT_TIMEOUT)

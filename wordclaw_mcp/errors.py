@@ -53,6 +53,15 @@ def plan_not_found(ident: object) -> DistributionError:
     )
 
 
+def unsupported_channel_type(channel_type: str, supported: list[str]) -> DistributionError:
+    return DistributionError(
+        "UNSUPPORTED_CHANNEL_TYPE",
+        f"No adapter handles channel type {channel_type!r}.",
+        f"Use one of: {', '.join(supported)}; a channel of another kind needs its adapter's package installed.",
+        supportedChannelTypes=supported,
+    )
+
+
 def validation_error(message: str, **details: Any) -> DistributionError:
     return DistributionError(
         "VALIDATION_ERROR",

@@ -19,6 +19,7 @@ from uuid import UUID
 import asyncpg
 
 from . import queries
+from .database import transaction
 from .errors import DistributionError
 from .secrets import SecretBox, session_binding, target_binding
 
@@ -147,7 +148,7 @@ async def _reseal(
     """Every ciphertext of ``kind`` sealed again, batch after batch; how many."""
     count, last = 0, FIRST_ID
     while True:
-        async with pool.acquire() as conn, conn.transaction():
+        async with pool.acquire() as conn, transaction(conn):
             rows = await conn.fetch(kind.lock, last, batch_size)
             if not rows:
                 return count

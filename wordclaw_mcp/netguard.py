@@ -86,8 +86,10 @@ def forbidden(host: str, address: IPAddress) -> DistributionError:
     return DistributionError(
         "TARGET_ADDRESS_FORBIDDEN",
         f"The target host {host} resolves to {address}, a loopback, private or reserved address.",
-        "Use a publicly reachable URL. Deployments that deliver inside their own network can set "
-        "WORDCLAW_ALLOW_PRIVATE_TARGETS=1.",
+        "Use a publicly reachable URL. To deliver inside your own network (a webhook on this machine, say), set "
+        "WORDCLAW_ALLOW_PRIVATE_TARGETS=1 for the MCP server that registers the target (in the MCP client's env "
+        "for a stdio server), restart it and register the target again: the target keeps that permission, so "
+        "workers deliver it without the setting.",
     )
 
 

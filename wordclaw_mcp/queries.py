@@ -69,8 +69,8 @@ _TARGET_COLUMNS = """
 INSERT_TARGET = f"""
 INSERT INTO distribution_targets
     (id, name, channel_type, config_json, secret_ciphertext, max_concurrency, rate_per_minute, transform_policy,
-     tenant_id, secret_fingerprint)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+     tenant_id, secret_fingerprint, private_addresses_allowed)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
 ON CONFLICT (tenant_id, name) DO NOTHING
 RETURNING {_TARGET_COLUMNS}
 """
@@ -320,6 +320,14 @@ WHERE j.id = failed.id AND j.status = 'failed'
 RETURNING j.id
 """
 
+# What a redrive that queued nothing named, to tell "nothing failed" from "no such id": $1 job
+# ids, $2 plan, $3 target.
+REDRIVE_SUBJECTS = """
+SELECT EXISTS (SELECT 1 FROM distribution_plans WHERE id = $2) AS plan_exists,
+       EXISTS (SELECT 1 FROM distribution_targets WHERE id = $3) AS target_exists,
+       ARRAY(SELECT id FROM distribution_jobs WHERE id = ANY ($1::uuid[])) AS job_ids
+"""
+
 GET_JOBS = """
 SELECT j.id, j.plan_id, j.status, j.target_id, t.active AS target_active
 FROM distribution_jobs j JOIN distribution_targets t ON t.id = j.target_id
@@ -493,7 +501,7 @@ WHERE j.id = ANY (ARRAY(SELECT id FROM limited_jobs UNION ALL SELECT id FROM fre
   AND t.id = j.target_id
 RETURNING j.id, j.plan_id, j.target_id, j.attempt, j.max_attempts, j.priority, j.payload_snapshot,
           t.name AS target_name, t.channel_type, t.config_json AS config, t.secret_ciphertext, j.entitlement_id,
-          j.claim_token,
+          j.claim_token, t.private_addresses_allowed,
           -- How long ago (on the database's clock) an attempt may first have reached the channel.
           extract(epoch FROM now() - j.maybe_sent_at)::float8 AS maybe_sent_seconds_ago,
           -- Whether a success should reset the target's 429 back-off (RESET_TARGET_BACKOFF).

@@ -22,7 +22,7 @@ import asyncpg
 
 from . import queries
 from .config import Settings
-from .database import CONNECTION_ERRORS, open_pool
+from .database import CONNECTION_ERRORS, open_pool, transaction
 from .errors import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ async def _prune_jobs(pool: asyncpg.Pool, report: PruneReport, status: str, age:
     while True:
         # One short transaction per batch: the jobs and their plans stay locked until the emptied
         # plans are deleted, so no other pruner can take the same plan's last jobs meanwhile.
-        async with pool.acquire() as conn, conn.transaction():
+        async with pool.acquire() as conn, transaction(conn):
             deleted = await conn.fetchrow(queries.PRUNE_FINISHED_JOBS, status, age, batch_size)
             plans = await conn.fetchval(queries.PRUNE_EMPTIED_PLANS, deleted["plan_ids"]) if deleted["jobs"] else 0
         jobs = deleted["jobs"]

@@ -17,7 +17,7 @@ from mcp.server.mcpserver.exceptions import ResourceError, ToolError
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field, ValidationError
 
-from . import access, errors
+from . import __version__, access, errors
 from .bearer import AGENT_STATE
 from .config import Settings
 from .database import CONNECTION_ERRORS
@@ -56,7 +56,8 @@ You act as one agent of one tenant (get_my_entitlements says which, with your sc
 you see only your tenant's items, targets and plans, and may distribute the items you created;
 other items need an entitlement. A plan for the same item and target within 5 minutes fails with
 DUPLICATE_DISTRIBUTION_PLAN unless allowDuplicate is set; give an idempotencyKey to retry safely.
-Errors come back as {"error": {"code", "message", "remediation"}}; the code is stable.
+A failed call is a tool error (isError) whose text is {"error": {"code", "message", "remediation"}};
+the code is stable.
 """
 
 
@@ -99,10 +100,14 @@ class WordClawServer(MCPServer[DistributionService]):
 
 
 def error_result(error: DistributionError) -> CallToolResult:
+    """The error as JSON text, and no ``structuredContent``.
+
+    Structured content must match the tool's output schema, which describes a success: the
+    TypeScript SDK (the MCP Inspector, many IDE clients) validates it even when ``isError`` is
+    set, so an error object there would reach the user as a schema mismatch instead of its code.
+    """
     body = {"error": error.to_dict()}
-    return CallToolResult(
-        content=[TextContent(type="text", text=json.dumps(body))], structured_content=body, is_error=True
-    )
+    return CallToolResult(content=[TextContent(type="text", text=json.dumps(body))], is_error=True)
 
 
 def _classify(name: str, exc: ToolError) -> DistributionError:
@@ -189,8 +194,9 @@ TOOLS: tuple[ToolSpec, ...] = (
         PlanRef,
         Plan,
         "distribution:write",
-        "Cancel a plan: queued jobs end cancelled at once. An attempt in flight finishes; it stays succeeded "
-        "if it delivered, and otherwise ends cancelled, never retried.",
+        "Cancel a plan: queued jobs end cancelled at once, and a delivery in flight is stopped and ends "
+        "cancelled, never retried, with a receipt that says whether the request had been sent. A job that "
+        "delivered before the cancel stays succeeded. Cancelling twice is harmless.",
     ),
     ToolSpec(
         "get_receipts", PlanRef, ReceiptList, "distribution:read", "Every attempt's receipt for a plan.", read_only=True
@@ -308,7 +314,9 @@ def build_server(settings: Settings | None = None, *, checked: bool = False) -> 
                 finally:
                     worker.stop()
 
-    server = WordClawServer("wordclaw-distribution", instructions=INSTRUCTIONS, lifespan=lifespan)
+    server = WordClawServer(
+        "wordclaw-distribution", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan
+    )
     for spec in TOOLS:
         add_model_tool(server, spec)
 

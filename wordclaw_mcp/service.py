@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from . import access, errors, queries, text
 from .access import LOCAL_AGENT, AccessService
+from .database import transaction
 from .models import (
     FINAL_PLAN_STATUSES,
     Agent,
@@ -135,6 +136,9 @@ class DistributionService:
                 else None,
                 agent.tenant_id,
                 self.runtime.secrets.fingerprint(secrets, bound_to=binding) if secrets else None,
+                # The policy check_target applied: workers deliver the target under it, with or without
+                # WORDCLAW_ALLOW_PRIVATE_TARGETS of their own.
+                adapter.options.allow_private_targets,
             )
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name != FEED_FILE_INDEX:
@@ -433,7 +437,26 @@ class DistributionService:
         rows = await self.pool.fetch(
             queries.REDRIVE_JOBS, job_ids or [], plan_id, target_id, self.settings.max_attempts
         )
+        if not rows:
+            await self._require_redrive_subjects(job_ids or [], plan_id, target_id)
         return [row["id"] for row in rows]
+
+    async def _require_redrive_subjects(
+        self, job_ids: list[UUID], plan_id: UUID | None, target_id: UUID | None
+    ) -> None:
+        """A redrive that queued nothing: an error if what it named does not exist, rather than "0 queued"."""
+        found = await self.pool.fetchrow(queries.REDRIVE_SUBJECTS, job_ids, plan_id, target_id)
+        if plan_id is not None and not found["plan_exists"]:
+            raise errors.plan_not_found(plan_id)
+        if target_id is not None and not found["target_exists"]:
+            raise errors.target_not_found(target_id)
+        if missing := sorted(set(map(str, job_ids)) - set(map(str, found["job_ids"]))):
+            raise errors.DistributionError(
+                "JOB_NOT_FOUND",
+                f"No distribution job with id {missing[0]} exists.",
+                "Use a job id that get_plan shows, or redrive the whole plan (--plan).",
+                missingJobIds=missing,
+            )
 
     async def list_workers(self) -> list[dict[str, Any]]:
         """The workers that registered and have not stopped cleanly, with their last heartbeat."""
@@ -528,7 +551,7 @@ async def _transaction(conn: asyncpg.Connection, needed: bool) -> AsyncIterator[
     if not needed:
         yield
         return
-    async with conn.transaction():
+    async with transaction(conn):
         yield
 
 

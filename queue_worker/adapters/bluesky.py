@@ -15,7 +15,6 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
-from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 from pydantic.alias_generators import to_camel
@@ -85,20 +84,20 @@ class BlueskyAdapter(SocialAdapter):
         # Credentials as much as the app password: a PDS's error may quote the Authorization header.
         used = [password]
         try:
-            session = await self._session(target.id, base, config.identifier, password)
+            session = await self._session(target, base, config.identifier, password)
             _use(session, used)
             posted_before = current_attempt.get().may_have_posted_before
-            if posted_before and (found := await self._posted(base, session, rkey, used)):
+            if posted_before and (found := await self._posted(target, base, session, rkey, used)):
                 return found
-            answer = await self._create(base, session, rkey, payload)
+            answer = await self._create(target, base, session, rkey, payload)
             if _error(answer) == "ExpiredToken":
-                session = await self._refresh(target.id, base, session, config.identifier, password)
+                session = await self._refresh(target, base, session, config.identifier, password)
                 _use(session, used)
-                answer = await self._create(base, session, rkey, payload)
+                answer = await self._create(target, base, session, rkey, payload)
             # A 5xx may be the PDS refusing a key already used (or failing after the write); some
             # servers say "already exists" instead. Either way the record decides.
             if (answer.status >= 500 or _already_exists(answer)) and (
-                found := await self._posted(base, session, rkey, used)
+                found := await self._posted(target, base, session, rkey, used)
             ):
                 return found
         except BlueskyError as exc:
@@ -111,13 +110,14 @@ class BlueskyAdapter(SocialAdapter):
         elapsed = round((time.monotonic() - started) * 1000)
         return _outcome(answer, session["did"], rkey, used, elapsed_ms=elapsed)
 
-    async def _session(self, target_id: UUID, base: str, identifier: str, password: str) -> dict[str, str]:
-        if self.store is not None and (kept := await self.store.session(target_id)):
+    async def _session(self, target: DeliveryTarget, base: str, identifier: str, password: str) -> dict[str, str]:
+        if self.store is not None and (kept := await self.store.session(target.id)):
             return kept
-        return await self._login(target_id, base, identifier, password)
+        return await self._login(target, base, identifier, password)
 
-    async def _login(self, target_id: UUID, base: str, identifier: str, password: str) -> dict[str, str]:
-        answer = await self.http.request(
+    async def _login(self, target: DeliveryTarget, base: str, identifier: str, password: str) -> dict[str, str]:
+        # Through the target's client, as the post is: the login goes to the same PDS.
+        answer = await self.http_for(target).request(
             "POST",
             f"{base}/xrpc/com.atproto.server.createSession",
             json={"identifier": identifier, "password": password},
@@ -128,13 +128,13 @@ class BlueskyAdapter(SocialAdapter):
             raise BlueskyError(_failure(answer, [password], "Logging in failed"))
         session = {key: str(body[key]) for key in ("accessJwt", "refreshJwt", "did")}
         if self.store is not None:
-            await self.store.put_session(target_id, session)
+            await self.store.put_session(target.id, session)
         return session
 
     async def _refresh(
-        self, target_id: UUID, base: str, session: dict[str, str], identifier: str, password: str
+        self, target: DeliveryTarget, base: str, session: dict[str, str], identifier: str, password: str
     ) -> dict[str, str]:
-        answer = await self.http.request(
+        answer = await self.http_for(target).request(
             "POST",
             f"{base}/xrpc/com.atproto.server.refreshSession",
             headers={"authorization": f"Bearer {session['refreshJwt']}"},
@@ -142,20 +142,22 @@ class BlueskyAdapter(SocialAdapter):
         )
         body = answer.json_or_none()
         if answer.status != 200 or not isinstance(body, dict) or not body.get("accessJwt"):
-            return await self._login(target_id, base, identifier, password)  # the refresh token ran out too
+            return await self._login(target, base, identifier, password)  # the refresh token ran out too
         fresh = {key: str(body[key]) for key in ("accessJwt", "refreshJwt", "did")}
         if self.store is not None:
-            await self.store.put_session(target_id, fresh)
+            await self.store.put_session(target.id, fresh)
         return fresh
 
-    async def _posted(self, base: str, session: dict[str, str], rkey: str, secrets: list[str]) -> DeliveryResult | None:
+    async def _posted(
+        self, target: DeliveryTarget, base: str, session: dict[str, str], rkey: str, secrets: list[str]
+    ) -> DeliveryResult | None:
         """The job's post, if a record is already there under its key (an earlier attempt made it).
 
         None when the PDS says there is none; a PDS that cannot tell raises, so that nothing is
         posted on a guess.
         """
         query = urlencode({"repo": session["did"], "collection": POST_COLLECTION, "rkey": rkey})
-        answer = await self.http.request(
+        answer = await self.http_for(target).request(
             "GET", f"{base}/xrpc/com.atproto.repo.getRecord?{query}", timeout=self.options.timeout
         )
         if answer.status == 200:
@@ -169,7 +171,9 @@ class BlueskyAdapter(SocialAdapter):
             return None
         raise BlueskyError(_failure(answer, secrets, "Checking for an earlier post failed"))
 
-    async def _create(self, base: str, session: dict[str, str], rkey: str, payload: dict[str, Any]) -> http.Answer:
+    async def _create(
+        self, target: DeliveryTarget, base: str, session: dict[str, str], rkey: str, payload: dict[str, Any]
+    ) -> http.Answer:
         record = {
             "$type": POST_COLLECTION,
             "text": payload["text"],
@@ -180,6 +184,7 @@ class BlueskyAdapter(SocialAdapter):
         return await self.send(
             "POST",
             f"{base}/xrpc/com.atproto.repo.createRecord",
+            target=target,
             headers={"authorization": f"Bearer {session['accessJwt']}"},
             json={"repo": session["did"], "collection": POST_COLLECTION, "rkey": rkey, "record": record},
             timeout=self.options.timeout,

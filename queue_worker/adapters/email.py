@@ -123,7 +123,7 @@ class EmailAdapter(Adapter):
         message = _message(payload, config, mid)
         recipients = [*config.to, *config.cc, *config.bcc]
         try:
-            sock = await self._connect(config)
+            sock = await self._connect(config, allow_private=self.allows_private(target))
         except DistributionError as exc:
             return DeliveryResult(
                 succeeded=False, retryable=exc.code == "TARGET_UNRESOLVABLE", error=f"{exc.code}: {exc.message}"
@@ -209,11 +209,12 @@ class EmailAdapter(Adapter):
             raw_meta={**meta, "response": response},
         )
 
-    async def _connect(self, config: EmailConfig) -> socket.socket:
+    async def _connect(self, config: EmailConfig, *, allow_private: bool) -> socket.socket:
         """A connected socket to the first checked address of the server that answers.
 
-        The addresses are checked as for HTTP (wordclaw_mcp/netguard.py) and only a checked one
-        is connected to; TLS still verifies the server's name.
+        The addresses are checked as for HTTP (wordclaw_mcp/netguard.py), under the target's
+        policy, and only a checked one is connected to; TLS still verifies the server's name.
+        Every delivery connects afresh, so no socket outlives the policy it was checked under.
         """
         port = config.port_or_default
         try:
@@ -221,7 +222,7 @@ class EmailAdapter(Adapter):
         except OSError as exc:
             raise netguard.unresolvable(config.host) from exc
         for address in addresses:
-            netguard.check_address(config.host, address, allow_private=self.options.allow_private_targets)
+            netguard.check_address(config.host, address, allow_private=allow_private)
         last: OSError | None = None
         loop = asyncio.get_running_loop()
         for address in dict.fromkeys(addresses):

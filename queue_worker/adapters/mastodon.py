@@ -68,6 +68,7 @@ class MastodonAdapter(SocialAdapter):
             answer = await self.send(
                 "POST",
                 url,
+                target=target,
                 headers=headers,
                 json={**payload, "visibility": config.visibility},
                 timeout=self.options.timeout,

@@ -174,7 +174,13 @@ class WebhookAdapter(Adapter):
         try:
             # The address is checked as the connection opens (wordclaw_mcp/http.py).
             answer = await self.send(
-                "POST", url, headers=headers, body=body.encode(), timeout=timeout, max_body=RESPONSE_BODY_LIMIT
+                "POST",
+                url,
+                target=target,
+                headers=headers,
+                body=body.encode(),
+                timeout=timeout,
+                max_body=RESPONSE_BODY_LIMIT,
             )
         except http.TargetRefused as exc:
             return DeliveryResult(

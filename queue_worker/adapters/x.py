@@ -62,6 +62,7 @@ class XAdapter(SocialAdapter):
             answer = await self.send(
                 "POST",
                 url,
+                target=target,
                 headers={"authorization": f"Bearer {token}"},
                 json={"text": payload["text"]},
                 timeout=self.options.timeout,

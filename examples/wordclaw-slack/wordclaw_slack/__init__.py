@@ -50,7 +50,7 @@ class SlackAdapter(Adapter):
         url = target.secrets["webhookUrl"]
         started = time.monotonic()
         try:
-            answer = await self.send("POST", url, json=payload, timeout=self.options.timeout)
+            answer = await self.send("POST", url, target=target, json=payload, timeout=self.options.timeout)
         except (http.TargetRefused, http.ConnectError) as exc:
             return DeliveryResult(succeeded=False, retryable=isinstance(exc, http.ConnectError), error=str(exc))
         except http.HttpError as exc:
