@@ -15,11 +15,12 @@ import time
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 from uuid import UUID
 
 import asyncpg
 
-from . import errors, queries
+from . import errors, queries, text
 from .database import transaction
 from .errors import DistributionError
 from .models import SCOPES, Agent, ContentItem, Decision, Entitlement, TransformPolicy
@@ -198,6 +199,69 @@ def entitled_policy(policy: TransformPolicy, grant: Entitlement | None) -> Trans
     if policy.max_length is not None and policy.max_length <= grant.max_excerpt_chars:
         return policy
     return policy.model_copy(update={"max_length": grant.max_excerpt_chars})
+
+
+def entitled_content(content: ContentItem, grant: Entitlement | None) -> ContentItem:
+    """``content`` as ``grant`` lets it be seen, whatever the channel and the policy make of it.
+
+    Under an excerpt-only grant the body is the excerpt (``excerpt_cut``), and the summary and
+    every string in the metadata, keys included, are cut to the same bound. The title and the
+    canonical link are kept whole. Every channel's payload is made from this item, so none can
+    carry more of the text than the grant allows.
+    """
+    excerpt = excerpt_cut(content, grant)
+    if excerpt is None:
+        return content
+    return content.model_copy(
+        update={
+            "body": excerpt.text,
+            "summary": None if content.summary is None else _cut_to(content.summary, excerpt.limit),
+            "metadata": _metadata_within(content.metadata, excerpt.limit),
+        }
+    )
+
+
+def excerpt_cut(content: ContentItem, grant: Entitlement | None) -> text.Cut | None:
+    """The excerpt an excerpt-only grant lets be seen (the summary, else the body's first
+    paragraph), cut to its maxExcerptChars, or whole when it sets none: its ``limit`` is the
+    bound of everything else. None under any other grant."""
+    if grant is None or not grant.excerpt_only:
+        return None
+    excerpt = content.summary or text.first_paragraph(content.body)
+    bound = len(excerpt) if grant.max_excerpt_chars is None else grant.max_excerpt_chars
+    return text.cut(excerpt, text.Limit("characters", bound))
+
+
+def _cut_to(value: str, bound: int) -> str:
+    """``value`` in at most ``bound`` characters (code points, URLs as written), cut at the end of
+    a word and never inside a URL, with an ellipsis within the bound."""
+    if len(value) <= bound:
+        return value
+    return text.cut(value, text.Limit("characters", bound)).text if bound else ""
+
+
+def _metadata_within(metadata: dict[str, Any], bound: int) -> dict[str, Any]:
+    """Every string of ``metadata``, however deeply nested, within ``bound``. A key longer than the
+    bound is item text too: it is left out with its value rather than cut into a key that means
+    nothing. Iterative, so that no depth of nesting can exhaust the stack."""
+    within: dict[str, Any] = {}
+    stack: list[tuple[Any, dict[str, Any] | list[Any]]] = [(metadata, within)]
+    while stack:
+        source, copy = stack.pop()
+        pairs = source.items() if isinstance(source, dict) else enumerate(source)
+        for key, value in pairs:
+            if isinstance(key, str) and len(key) > bound:
+                continue
+            if isinstance(value, str):
+                value = _cut_to(value, bound)
+            elif isinstance(value, dict | list):
+                stack.append((value, nested := {} if isinstance(value, dict) else []))
+                value = nested
+            if isinstance(copy, dict):
+                copy[key] = value
+            else:
+                copy.append(value)
+    return within
 
 
 def spend_failure(grant: Entitlement, item: ContentItem) -> DistributionError:

@@ -333,7 +333,7 @@ def body_source(content: ContentItem, policy: TransformPolicy) -> str:
     the body's first paragraph; never the full body."""
     if not policy.excerpt_only:
         return content.body
-    return content.summary or content.body.strip().split("\n\n", 1)[0]
+    return content.summary or text.first_paragraph(content.body)
 
 
 def body_cut(content: ContentItem, policy: TransformPolicy) -> text.Cut | None:

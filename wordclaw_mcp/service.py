@@ -258,13 +258,20 @@ class DistributionService:
         policy = request.transform_policy or TransformPolicy()
         content, targets = await self._plan_inputs(request, agent)
         grants = [] if content.created_by_agent_id == agent.id else await self.access.grants_for(agent, content.id)
-        verdicts, policies = [], []
+        verdicts, policies, seen = [], [], []
+        # The item as each grant lets it be seen (an excerpt-only grant bounds every field), made
+        # once per grant that bounds it: None stands for the item as it is.
+        views: dict[UUID | None, ContentItem] = {}
         for target in targets:
             merged = policy.over(target.transform_policy)
             verdict = access.decide(agent, content, target.channel_type, merged, grants)
             verdicts.append(verdict)
             adapter = self.adapters.get(target.channel_type)
             policies.append(adapter.policy_for(target.config, access.entitled_policy(merged, verdict.grant)))
+            view = verdict.grant.id if verdict.grant is not None and verdict.grant.excerpt_only else None
+            if view not in views:
+                views[view] = access.entitled_content(content, verdict.grant)
+            seen.append(view)
         denied = [(target, verdict) for target, verdict in zip(targets, verdicts, strict=True) if not verdict.allowed]
         if denied and not request.dry_run:
             await self._log_decisions(agent, content, targets, verdicts, "plan")
@@ -274,16 +281,16 @@ class DistributionService:
         # is made once, however many targets of one channel and policy the plan names.
         # A denied target's payload is not made: a dry run must not show an agent the content it
         # may not distribute.
-        made: dict[tuple[str, str], dict[str, Any]] = {}
+        made: dict[tuple[str, str, UUID | None], dict[str, Any]] = {}
         payloads: list[dict[str, Any]] = []
-        for target, effective, verdict in zip(targets, policies, verdicts, strict=True):
+        for target, effective, verdict, view in zip(targets, policies, verdicts, seen, strict=True):
             if not verdict.allowed:
                 payloads.append({})
                 continue
-            key = (target.channel_type, effective.model_dump_json())
+            key = (target.channel_type, effective.model_dump_json(), view)
             if key not in made:
                 try:
-                    made[key] = self.adapters.get(target.channel_type).transform(content, effective)
+                    made[key] = self.adapters.get(target.channel_type).transform(views[view], effective)
                 except text.DoesNotFit as exc:
                     raise errors.DistributionError(
                         "POLICY_DOES_NOT_FIT",
@@ -296,14 +303,20 @@ class DistributionService:
 
         if request.dry_run:
             await self._log_decisions(agent, content, targets, verdicts, "dry_run")
+            # Where an excerpt-only grant cut the excerpt, before any channel cut it again.
+            excerpts = {
+                view: access.excerpt_cut(content, verdict.grant) for view, verdict in zip(seen, verdicts, strict=True)
+            }
             return Plan(
                 id=None,
                 content_item_id=content.id,
                 content_version=content.version,
                 status="dry_run",
                 previews=[
-                    self._preview(target, payload, content, effective, verdict.decision)
-                    for target, payload, effective, verdict in zip(targets, payloads, policies, verdicts, strict=True)
+                    self._preview(target, payload, views[view], effective, verdict.decision, excerpts[view])
+                    for target, payload, effective, verdict, view in zip(
+                        targets, payloads, policies, verdicts, seen, strict=True
+                    )
                 ],
             )
         plan = await self._queue_plan(request, agent, content, targets, payloads, verdicts)
@@ -394,17 +407,30 @@ class DistributionService:
         return MyEntitlements(agent=agent, entitlements=await self.access.list_entitlements(agent.id))
 
     def _preview(
-        self, target: Target, payload: dict[str, Any], content: ContentItem, policy: TransformPolicy, decision: Decision
+        self,
+        target: Target,
+        payload: dict[str, Any],
+        content: ContentItem,
+        policy: TransformPolicy,
+        decision: Decision,
+        excerpt: text.Cut | None,
     ) -> Preview:
+        """What ``target`` would get of ``content`` (the item as the caller's grant lets it be seen),
+        and how it was cut: by the channel, or else by the grant (``excerpt``)."""
         if decision.outcome == "deny":
             return Preview(target_id=target.id, channel_type=target.channel_type, payload={}, decision=decision)
         fit = self.adapters.get(target.channel_type).fit(content, policy)
-        measured = {} if fit is None else {"length": fit.length, "limit": fit.limit, "truncated": fit.truncated}
+        measured: dict[str, Any] = (
+            {} if fit is None else {"length": fit.length, "limit": fit.limit, "truncated": fit.truncated}
+        )
+        cut_at = fit.cut_at if fit else None
+        if excerpt is not None and excerpt.truncated and not measured.get("truncated"):
+            measured["truncated"], cut_at = True, excerpt.cut_at
         return Preview(
             target_id=target.id,
             channel_type=target.channel_type,
             payload=payload,
-            cut_at=fit.cut_at if fit else None,
+            cut_at=cut_at,
             decision=decision,
             **measured,
         )

@@ -31,6 +31,15 @@ ELLIPSIS = "…"
 _markdown = MarkdownIt("commonmark", {"html": False})
 _grapheme = regex.compile(r"\X")
 _space = regex.compile(r"\s+")
+# A blank line: a line end, then lines holding nothing but whitespace, each with its line end.
+# Line ends are \n, \r\n or \r, matched atomically so that \r\n is never taken for two.
+_blank_lines = regex.compile(r"(?>\r\n|\r|\n)(?:[^\S\r\n]*+(?>\r\n|\r|\n))+")
+
+
+def first_paragraph(text: str) -> str:
+    """``text`` up to its first blank line, whatever its line ends and whatever spaces or tabs the
+    blank line holds: the opening an excerpt is made from."""
+    return _blank_lines.split(text.strip(), maxsplit=1)[0]
 
 
 def graphemes(text: str) -> list[str]:
@@ -196,11 +205,19 @@ def _inline_text(children: list[Any]) -> str:
         elif child.type == "link_close" and hrefs:
             href, start = hrefs.pop()
             label = "".join(parts[start:])
-            if href and href != label:
+            if href and label not in _addresses_as_written(href):
                 parts.append(f" ({href})")
         elif child.type == "image":
             parts.append(child.content or "")
     return "".join(parts)
+
+
+def _addresses_as_written(href: str) -> set[str]:
+    """The ways a link's label may write its own address: an autolink's label is the address
+    before markdown-it percent-encoded it, and a mail address's lacks ``mailto:``. A label that is
+    its address is not followed by it again."""
+    written = _markdown.normalizeLinkText(href)
+    return {href, written, written.removeprefix("mailto:")}
 
 
 def link_facets(text: str) -> list[dict[str, Any]]:
