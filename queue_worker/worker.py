@@ -873,29 +873,31 @@ class Worker:
         """
         if gone := sorted({o.job.target_id for o in outcomes if o.result.target_gone}):
             log.warning("target(s) %s answered 410 Gone; deactivating them", ", ".join(map(str, gone)))
-            await self.pool.execute(queries.DEACTIVATE_GONE_TARGETS, gone, TARGET_GONE)
+            for target_id in gone:
+                await self.pool.execute(queries.DEACTIVATE_GONE_TARGET, target_id, TARGET_GONE)
         reset = {o.job.target_id for o in outcomes if o.result.succeeded and o.job.target_backing_off}
-        if backing_off := sorted(reset - {o.job.target_id for o in outcomes if o.result.throttled}):
-            await self.pool.execute(queries.RESET_TARGET_BACKOFF, backing_off)
+        for target_id in sorted(reset - {o.job.target_id for o in outcomes if o.result.throttled}):
+            await self.pool.execute(queries.RESET_TARGET_BACKOFF, target_id)
 
     async def _throttle_targets(
         self, throttled: list[Outcome], conn: asyncpg.Connection | asyncpg.Pool
     ) -> dict[UUID, datetime]:
-        """Suspend the targets that throttled these attempts; when each may be tried again."""
-        if not throttled:
-            return {}
+        """Suspend the targets that throttled these attempts, one statement each in id order (the
+        lock order); when each may be tried again."""
         now = datetime.now(UTC)
-        rows = await conn.fetch(
-            queries.THROTTLE_TARGETS,
-            [o.job.target_id for o in throttled],
-            [
-                max((o.result.throttled_until - now).total_seconds(), 0.0) if o.result.throttled_until else None
-                for o in throttled
-            ],
-            MAX_THROTTLE_BACKOFF,
-        )
-        until = {row["id"]: row["suspended_until"] for row in rows}
-        for target_id, when in until.items():
+        asked: dict[UUID, tuple[float | None, bool]] = {}
+        for o in throttled:
+            named = max((o.result.throttled_until - now).total_seconds(), 0.0) if o.result.throttled_until else None
+            longest, back_off = asked.get(o.job.target_id, (None, False))
+            if named is not None:
+                longest = named if longest is None else max(longest, named)
+            asked[o.job.target_id] = (longest, back_off or named is None)
+        until = {}
+        for target_id in sorted(asked):
+            seconds, back_off = asked[target_id]
+            until[target_id] = when = await conn.fetchval(
+                queries.THROTTLE_TARGET, target_id, seconds, back_off, MAX_THROTTLE_BACKOFF
+            )
             log.warning("target %s throttled deliveries; suspended until %s", target_id, when.isoformat())
         return until
 

@@ -6,6 +6,7 @@ once on the same few targets and plans, with PostgreSQL looking for deadlocks ev
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
@@ -32,7 +33,7 @@ from wordclaw_mcp.service import DistributionService
 pytestmark = pytest.mark.anyio
 
 TARGETS = 4
-ROUNDS = 60  # iterations of each actor; every one touches rows the others touch
+ROUNDS = 80  # iterations of each actor; every one touches rows the others touch
 
 
 def outcome_for(job, rng: random.Random) -> Outcome:
@@ -71,10 +72,17 @@ async def test_the_hot_statements_run_side_by_side_without_a_deadlock(database_u
     counts: dict[str, int] = {}
     async with Runtime.open(quick) as runtime:
         service = DistributionService(runtime)
+        # Half the targets have limits, so that claims lock and update them too.
         targets = [
             (
                 await service.register_target(
-                    RegisterTargetInput(name=f"t{n}", channel_type="webhook", config={"url": f"http://127.0.0.1:9/{n}"})
+                    RegisterTargetInput(
+                        name=f"t{n}",
+                        channel_type="webhook",
+                        config={"url": f"http://127.0.0.1:9/{n}"},
+                        max_concurrency=50 if n % 2 else None,
+                        rate_per_minute=60_000 if n % 2 else None,
+                    )
                 )
             ).id
             for n in range(TARGETS)
@@ -162,6 +170,11 @@ async def test_the_hot_statements_run_side_by_side_without_a_deadlock(database_u
                 for name, step in steps.items():
                     tg.start_soon(actor(name, step))
         jobs = await runtime.pool.fetchval("SELECT count(*) FROM distribution_jobs")
-    assert not failures, f"{len(failures)} deadlock(s), e.g. {failures[0]}"
+        relations = {
+            oid: await runtime.pool.fetchval("SELECT relname FROM pg_class WHERE oid = $1", int(oid))
+            for failure in failures
+            for oid in re.findall(r"relation (\d+)", str(getattr(failure, "detail", "")))
+        }
+    assert not failures, f"{len(failures)} deadlock(s), e.g. {failures[0]}: {failures[0].detail} {relations}"
     assert counts == dict.fromkeys(steps, ROUNDS)
     assert jobs > 0

@@ -595,7 +595,7 @@ RETURNING id
 # again.
 # A released attempt (never started) sent nothing: it is requeued without counting and without
 # a receipt. A throttled attempt is requeued for when its target's suspension ends
-# (THROTTLE_TARGETS, in the same transaction, set it) and does not spend the budget: attempt -
+# (THROTTLE_TARGET, in the same transaction, set it) and does not spend the budget: attempt -
 # throttles is what counts against max_attempts. A job throttled for longer than the limit fails.
 #
 # An attempt that may have reached its channel sets maybe_sent_at (from its claim's time). On a
@@ -688,57 +688,43 @@ WHERE j.id = d.job_id AND d.status IS NOT NULL
 RETURNING j.id, j.status
 """
 
+# Statements that change targets change one row each, and a caller with several targets runs
+# them in id order. A statement that first locked target rows (SELECT ... FOR NO KEY UPDATE) and
+# then updated them could deadlock: when a row changed after the statement's snapshot, the UPDATE
+# comes back to the old version, and the key-share locks new plans' jobs take on their targets
+# (the foreign key) can make it queue for that version's tuple lock behind a transaction that
+# waits for it.
+
 # A success resets its target's 429 back-off. Its own statement, after the outcome is written:
 # a statement that holds jobs must never wait for a target (the lock order is targets, then jobs).
 RESET_TARGET_BACKOFF = """
-UPDATE distribution_targets SET throttle_backoff_seconds = NULL
-WHERE id IN (
-    SELECT id FROM distribution_targets
-    WHERE id = ANY ($1::uuid[]) AND throttle_backoff_seconds IS NOT NULL
-    ORDER BY id
-    FOR NO KEY UPDATE
-)
+UPDATE distribution_targets SET throttle_backoff_seconds = NULL WHERE id = $1 AND throttle_backoff_seconds IS NOT NULL
 """
 
-# Suspend the targets that throttled a batch of attempts, before RECORD_ATTEMPTS requeues their
-# jobs, in the same transaction: targets first, in id order, then the jobs. A named time
-# (Retry-After, a rate-limit reset) is kept as given; a 429 that names none doubles the target's
-# back-off, from 1 s up to $3 seconds. Returns when each target may be tried again. Parallel
-# arrays: $1 target ids, $2 seconds (null: back off).
-THROTTLE_TARGETS = """
-WITH asked AS (
-    SELECT target_id, max(seconds) AS seconds, bool_or(seconds IS NULL) AS back_off
-    FROM unnest($1::uuid[], $2::float8[]) AS a (target_id, seconds)
-    GROUP BY target_id
-), wait AS (
-    SELECT a.target_id, a.back_off,
-           least(coalesce(t.throttle_backoff_seconds * 2, 1), $3) AS backoff,
-           a.seconds
-    FROM asked a JOIN distribution_targets t ON t.id = a.target_id
-    ORDER BY t.id
-    FOR NO KEY UPDATE OF t
-)
+# Suspend a target that throttled attempts ($1), before RECORD_ATTEMPTS requeues their jobs, in
+# the same transaction: targets first, then the jobs. A named time ($2 seconds, the longest any
+# attempt was given: Retry-After, a rate-limit reset) is kept as given; a 429 that named none
+# ($3) doubles the target's back-off, from 1 s up to $4 seconds. Returns when the target may be
+# tried again.
+THROTTLE_TARGET = """
 UPDATE distribution_targets t
-SET throttle_backoff_seconds = CASE WHEN w.back_off THEN w.backoff ELSE t.throttle_backoff_seconds END,
+SET throttle_backoff_seconds = CASE WHEN $3 THEN least(coalesce(t.throttle_backoff_seconds * 2, 1), $4)
+                                    ELSE t.throttle_backoff_seconds END,
     suspended_until = greatest(
         t.suspended_until,
-        now() + make_interval(secs => greatest(coalesce(w.seconds, 0), CASE WHEN w.back_off THEN w.backoff ELSE 0 END))
+        now() + make_interval(secs => greatest(
+            coalesce($2::float8, 0),
+            CASE WHEN $3 THEN least(coalesce(t.throttle_backoff_seconds * 2, 1), $4) ELSE 0 END))
     ),
     updated_at = now()
-FROM wait w
-WHERE t.id = w.target_id
-RETURNING t.id, t.suspended_until
+WHERE t.id = $1
+RETURNING t.suspended_until
 """
 
-# Targets that answered 410 Gone are deactivated; the deactivation trigger fails their queued jobs
-# with TARGET_GONE ($2). Its own transaction, after the outcome that said so is written. Target
-# locks are FOR NO KEY UPDATE, the lock an UPDATE of these columns takes anyway, which does not
-# block the key-share lock a new plan's jobs take on their targets.
-DEACTIVATE_GONE_TARGETS = """
-UPDATE distribution_targets SET active = false, deactivated_reason = $2, updated_at = now()
-WHERE id IN (
-    SELECT id FROM distribution_targets WHERE id = ANY ($1::uuid[]) AND active ORDER BY id FOR NO KEY UPDATE
-)
+# A target that answered 410 Gone is deactivated; the deactivation trigger fails its queued jobs
+# with TARGET_GONE ($2). Its own transaction, after the outcome that said so is written.
+DEACTIVATE_GONE_TARGET = """
+UPDATE distribution_targets SET active = false, deactivated_reason = $2, updated_at = now() WHERE id = $1 AND active
 """
 
 # --- leases and workers -------------------------------------------------------------------------

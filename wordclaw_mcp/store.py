@@ -12,6 +12,7 @@ from uuid import UUID
 import asyncpg
 
 from . import queries
+from .database import transaction
 from .secrets import SecretBox, session_binding
 
 
@@ -41,7 +42,7 @@ class ChannelStore:
         """Upsert a feed's entry, then ``publish`` its newest ``limit`` entries (newest first), under
         the feed's lock and in one transaction: deliveries to one feed take turns, and an entry
         whose publishing fails is not kept either."""
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.pool.acquire() as conn, transaction(conn):
             await conn.execute(queries.LOCK_FEED, target_id)
             await conn.execute(queries.UPSERT_FEED_ITEM, target_id, guid, entry, published)
             await publish([row["entry"] for row in await conn.fetch(queries.FEED_ITEMS, target_id, limit)])
