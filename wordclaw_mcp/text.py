@@ -183,7 +183,7 @@ def cut(text: str, limit: Limit, *, suffix: str = "", ellipsis: str = ELLIPSIS) 
     word's end to the next, so the cut lies before the first end of a word at which the text
     alone no longer fits (``_reach``).
     """
-    reach = _reach(text, limit)
+    reach, words_end = _reach(text, limit)
     whole = text + suffix
     if reach == len(text) and limit.fits(whole):
         return Cut(whole, limit.length(whole), limit.max_length, False)
@@ -195,7 +195,7 @@ def cut(text: str, limit: Limit, *, suffix: str = "", ellipsis: str = ELLIPSIS) 
         return limit.fits(window[:end].rstrip() + ellipsis + suffix)
 
     # Ends of words: just before a run of spaces (never inside a URL, which has no spaces).
-    ends = [m.start() for m in _space.finditer(window) if m.start() > 0]
+    ends = [m.start() for m in _space.finditer(window, 0, words_end) if m.start() > 0]
     best = _longest(ends, fits_at)
     if best is None:
         best = _longest_inside_word(window, fits_at)
@@ -203,18 +203,19 @@ def cut(text: str, limit: Limit, *, suffix: str = "", ellipsis: str = ELLIPSIS) 
     return Cut(result, limit.length(result), limit.max_length, True, best)
 
 
-def _reach(text: str, limit: Limit) -> int:
+def _reach(text: str, limit: Limit) -> tuple[int, int]:
     """Where the part of ``text`` that a cut can keep ends: the end of the text, or an end of a
-    word (looked for in windows that grow fourfold) at which the text alone is over the limit."""
+    word (looked for in windows that grow fourfold) at which the text alone is over the limit;
+    and where the last space before it may lie."""
     size = _FIRST_WINDOW
     while size < len(text):
         space = _space.search(text, size)
         if space is None:
-            break
+            return len(text), size
         if not limit.fits(text[: space.start()]):
-            return space.start()
+            return space.start(), space.start()
         size = 4 * space.start()
-    return len(text)
+    return len(text), len(text)
 
 
 def _longest_inside_word(window: str, fits_at: Any) -> int:
