@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 import regex
 import twitter_text
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from wordclaw_mcp import entities
@@ -168,12 +168,18 @@ URL_PIECES = [
     " ", "\n", "\r\n", "\u3000", "\x85", "日本", "中国", "рф", "삼성", "é", "ı", "İ", "ſ", "K", "ＣＯＭ", "\u200e",
     "\u202a", "\ufeff", "'", '"', "!", ",", ";", "&", "=", "$", "%", "~", "|", "[", "]", "+", "…", "–", "\u0301",
     "x", "1", "ab_c", "a-b", "😷", FAMILY, THUMBS, FLAG, "1\ufe0f\u20e3", "#\ufe0f\u20e3", "@alice", "@bob@example.org",
+    # Top-level domains that begin others: which matches is the first in twitter-text's list.
+    "嘉里", "嘉里大酒店", "भारत", "भारतम्",
+    # Emoji sequences that begin others (a white flag, a rainbow flag; a family of three, of four).
+    "\U0001f3f3\ufe0f", "\u200d\U0001f308", "\u200d\U0001f466",
 ]  # fmt: skip
 urlish_texts = st.lists(st.sampled_from(URL_PIECES) | st.text(max_size=3), max_size=30).map("".join)
 
 
 @settings(max_examples=500, deadline=None)
 @given(urlish_texts)
+@example("a.嘉里大酒店 and https://b.भारतम्/x?y=1")  # two top-level domains match: the first listed wins
+@example("éa.com, a.a.a.a.日本.com, http://t.co/abcdefghijklmnopqrstuvwxyz0123456789abcdefghij")
 def test_urls_are_found_exactly_as_twitter_text_finds_them(text: str) -> None:
     for bare_domains in (True, False):
         assert entities.extract_urls_with_indices(text, bare_domains) == twitter_text.extract_urls_with_indices(
@@ -183,6 +189,7 @@ def test_urls_are_found_exactly_as_twitter_text_finds_them(text: str) -> None:
 
 @settings(max_examples=500, deadline=None)
 @given(urlish_texts)
+@example(f"\U0001f3f3\ufe0f\u200d\U0001f308 {FAMILY}\u200d\U0001f466 {FAMILY}")  # the longest sequence wins
 def test_x_weighs_text_and_finds_emoji_exactly_as_twitter_text_does(text: str) -> None:
     assert entities.extract_emojis_with_indices(text) == twitter_text.extract_emojis_with_indices(text)
     assert limit_for("x").length(text) == twitter_text.parse_tweet(text).weightedLength

@@ -53,7 +53,7 @@ AWAIT_POLL_SECONDS = 1.0
 # OFF_LOOP_CHARS it runs in a worker thread, so that other sessions' calls are served meanwhile
 # (a thread hop costs more than converting a short item); and all of one call's converting may
 # take CONVERSION_SECONDS, after which the call fails with a coded error instead of running on.
-OFF_LOOP_CHARS = 20_000
+OFF_LOOP_CHARS = 2_000
 CONVERSION_SECONDS = 1.0
 
 T = TypeVar("T")
