@@ -38,6 +38,8 @@ HTML_BODIES = {
     "nested": "<div>" * 3000 + "x" + "</div>" * 3000,
     "tags": "<b>x</b>" * (MILLION // 8),
     "angles": "<" * MILLION,
+    "dots": "a." * (MILLION // 2),
+    "brackets": "[" * MILLION,
 }
 SOCIAL = {"baseUrl": "http://127.0.0.1:9"}
 TARGETS: list[tuple[str, dict[str, Any], dict[str, str] | None]] = [

@@ -21,6 +21,7 @@ from wordclaw_mcp.text import (
     graphemes,
     html_to_markdown,
     limit_for,
+    link_facets,
     markdown_to_html,
     markdown_to_text,
     urls,
@@ -205,7 +206,9 @@ def _cpu_seconds(work: Callable[[], object]) -> float:
     return best
 
 
-PATHOLOGICAL = ["a.", "日.", "-a.", "a_b.", "co.", "a.a.a.a.日本.com", "http://a.", "😷", "1", "@a.", "[", "<"]
+PATHOLOGICAL = [
+    "a.", "日.", "-a.", "a_b.", "co.", "a.a.a.a.日本.com", "http://a.", "https://a.co/日 ", "😷", "1", "@a.", "[", "<",
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("unit", PATHOLOGICAL)
@@ -214,9 +217,24 @@ def test_counting_and_finding_urls_take_time_linear_in_the_text(unit: str) -> No
     # times as long on "a." * n (../shared/REFERENCE.md); the bound leaves room for noise.
     def work(size: int) -> Callable[[], object]:
         text = unit * (size // len(unit))
-        return lambda: (urls(text, schemes_only=False), limit_for("x").length(text), limit_for("mastodon").length(text))
+        return lambda: (
+            urls(text, schemes_only=False),
+            limit_for("x").length(text),
+            limit_for("mastodon").length(text),
+            link_facets(text),
+        )
 
     small, large = _cpu_seconds(work(6_000)), _cpu_seconds(work(24_000))
+    assert large < 8 * max(small, 0.002), (small, large)
+
+
+def test_link_facets_take_time_linear_in_the_text() -> None:
+    # Each facet's byte offset is counted on from the one before, not from the start.
+    def work(size: int) -> Callable[[], object]:
+        text = "https://a.co/日 " * (size // 15)
+        return lambda: link_facets(text)
+
+    small, large = _cpu_seconds(work(50_000)), _cpu_seconds(work(200_000))
     assert large < 8 * max(small, 0.002), (small, large)
 
 

@@ -392,8 +392,10 @@ def link_facets(text: str) -> list[dict[str, Any]]:
     """Bluesky's link facets for the http(s) URLs in ``text``: ranges in UTF-8 bytes, as the AT
     Protocol counts them, not in characters."""
     facets = []
+    byte_start, position = 0, 0  # counted on from the last URL: linear however many there are
     for start, end, url in urls(text):
-        byte_start = len(text[:start].encode())
+        byte_start += len(text[position:start].encode())
+        position = start
         facets.append(
             {
                 "index": {"byteStart": byte_start, "byteEnd": byte_start + len(text[start:end].encode())},
