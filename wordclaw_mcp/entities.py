@@ -95,11 +95,14 @@ _SAME_CASE = {code: min((*group, code)) for code, group in _casefix._EXTRA_CASES
 
 
 class _FoldTable(dict[int, int]):
-    """A ``str.translate`` table that folds each character as re's IGNORECASE does, filled as met."""
+    """A ``str.translate`` table that folds each character as re's IGNORECASE does, filled as
+    met; with the first plane only, so that it stays small whatever text comes."""
 
     def __missing__(self, code: int) -> int:
         lower = _sre.unicode_tolower(code)
-        self[code] = folded = _SAME_CASE.get(lower, lower)
+        folded = _SAME_CASE.get(lower, lower)
+        if code <= 0xFFFF:
+            self[code] = folded
         return folded
 
 

@@ -255,7 +255,7 @@ def _longest(candidates: list[int], fits: Any) -> int | None:
 # BeautifulSoup are pure Python, and a million characters of dense markup take them seconds. So a
 # caller (the service, for one tool call) sets a time limit, and a conversion still running then
 # stops with ``TooComplex``; HTML also may not nest deeper than markdownify can recurse. A plan
-# converts the same body for several channels: the last few results are kept.
+# converts the same body for several channels: the last two results of each conversion are kept.
 
 MAX_HTML_DEPTH = 100  # elements inside one another, well above real pages and below Python's recursion limit
 
@@ -313,7 +313,7 @@ _markdown.block.ruler.before(
 )
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=2)
 def markdown_to_html(markdown: str) -> str:
     """CommonMark to HTML, with raw HTML escaped and unsafe links (javascript: and the like) dropped."""
     return _markdown.render(markdown)
@@ -339,7 +339,7 @@ class _Converter(markdownify.MarkdownConverter):
         return super().process_element(node, parent_tags)
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=2)
 def html_to_markdown(html: str) -> str:
     """HTML (an item whose body arrives as HTML) to Markdown; scripts and styles are dropped."""
     try:
@@ -348,7 +348,7 @@ def html_to_markdown(html: str) -> str:
         raise TooComplex("its structure is too deep to convert") from None
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=2)
 def markdown_to_text(markdown: str) -> str:
     """Plain text that keeps link targets: ``[label](url)`` becomes ``label (url)``."""
     blocks: list[str] = []
