@@ -397,3 +397,40 @@ async def test_a_server_whose_keys_decrypt_no_stored_secret_refuses_to_start(
             pass
     assert refused.value.code == "SECRET_KEY_MISMATCH"
     assert receiver.requests == []
+
+
+FAMILY = "\U0001f468\u200d\U0001f469\u200d\U0001f467"  # five code points, one grapheme
+
+
+async def test_a_dry_run_shows_a_mastodon_status_counted_as_mastodon_counts(mcp_client: Client) -> None:
+    # 200 family emoji are 200 graphemes, not 1,000 code points, and a remote mention counts as
+    # its user part (Mastodon's StatusLengthValidator): the status fits whole.
+    item = await call(
+        mcp_client, "upsert_content_item", title="T", body="", summary=FAMILY * 200 + " @alice@mastodon.social"
+    )
+    target = await call(
+        mcp_client,
+        "register_target",
+        name="toots",
+        channelType="mastodon",
+        config={"baseUrl": "http://127.0.0.1:9"},
+        secrets={"accessToken": "token"},
+    )
+    plan = await call(
+        mcp_client,
+        "create_distribution_plan",
+        contentItemId=item["id"],
+        targetIds=[target["id"]],
+        dryRun=True,
+        transformPolicy={"includeBody": False},
+    )
+    (preview,) = plan["previews"]
+    assert (preview["length"], preview["limit"], preview["truncated"]) == (1 + 2 + 200 + 1 + 6, 500, False)
+    assert preview["payload"]["status"].endswith(FAMILY + " @alice@mastodon.social")
+
+
+async def test_html_nested_too_deep_is_a_validation_error_not_an_internal_one(mcp_client: Client) -> None:
+    html = "<div>" * 3000 + "deep" + "</div>" * 3000
+    error = await call_error(mcp_client, "upsert_content_item", title="T", body=html, bodyFormat="html")
+    assert error["code"] == "VALIDATION_ERROR"
+    assert "nested more than 100 deep" in error["message"] and "bodyFormat: markdown" in error["remediation"]

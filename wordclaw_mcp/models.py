@@ -118,6 +118,29 @@ class Decision(ApiModel):
 # --- content --------------------------------------------------------------------------------
 
 
+# JSON parsers give up somewhere past 200 levels (pydantic's, the MCP SDK's client's): an item
+# nested that deep could be stored but not read back.
+MAX_METADATA_DEPTH = 32
+
+
+def _depth(value: Any) -> int:
+    """How many objects and arrays ``value`` nests, counted without recursing."""
+    deepest, level = 0, [(value, 1)]
+    while level:
+        item, depth = level.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is not None:
+            deepest = max(deepest, depth)
+            level.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _shallow(metadata: dict[str, Any]) -> dict[str, Any]:
+    if _depth(metadata) > MAX_METADATA_DEPTH:
+        raise ValueError(f"nests deeper than {MAX_METADATA_DEPTH} levels of objects and arrays")
+    return metadata
+
+
 class UpsertContentItemInput(InputModel):
     id: UUID | None = Field(None, description="Omit to create a new item; give an existing id to update it.")
     title: Annotated[str, Field(min_length=1, max_length=500)]
@@ -127,7 +150,9 @@ class UpsertContentItemInput(InputModel):
     )
     summary: Annotated[str | None, Field(max_length=5_000)] = None
     canonical_url: HttpUrl | None = None
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: Annotated[dict[str, Any], AfterValidator(_shallow)] = Field(
+        default_factory=dict, description=f"Any JSON object, nested at most {MAX_METADATA_DEPTH} levels deep."
+    )
 
 
 class ContentItem(ApiModel):

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 from uuid import UUID, uuid4
 
 import anyio
@@ -50,6 +52,14 @@ AWAIT_DELIVERY_SECONDS = 10.0
 FEED_FILE_INDEX = "distribution_targets_feed_file"
 # Waiters wake on NOTIFY; this is only the safety net for a lost notification.
 AWAIT_POLL_SECONDS = 1.0
+# Converting and cutting an item's text is CPU work in pure Python. For an item longer than
+# OFF_LOOP_CHARS it runs in a worker thread, so that other sessions' calls are served meanwhile
+# (a thread hop costs more than converting a short item); and all of one call's converting may
+# take CONVERSION_SECONDS, after which the call fails with a coded error instead of running on.
+OFF_LOOP_CHARS = 2_000
+CONVERSION_SECONDS = 1.0
+
+T = TypeVar("T")
 
 
 class DistributionService:
@@ -63,9 +73,21 @@ class DistributionService:
     # --- content -------------------------------------------------------------------------------
 
     async def upsert_content_item(self, item: UpsertContentItemInput, *, agent: Agent = LOCAL_AGENT) -> ContentItem:
+        body = item.body
+        if item.body_format == "html":
+            until = time.monotonic() + CONVERSION_SECONDS
+            try:
+                body = await _converting(until, len(body), partial(text.html_to_markdown, body))
+            except text.TooComplex as exc:
+                raise errors.DistributionError(
+                    "VALIDATION_ERROR",
+                    f"body: the HTML cannot be converted to Markdown: {exc}.",
+                    f"Send simpler HTML (elements nested at most {text.MAX_HTML_DEPTH} deep, fewer tags), "
+                    "or send the body as Markdown (bodyFormat: markdown).",
+                ) from None
         values = (
             item.title,
-            text.html_to_markdown(item.body) if item.body_format == "html" else item.body,
+            body,
             item.summary,
             str(item.canonical_url) if item.canonical_url else None,
             item.metadata,
@@ -283,6 +305,7 @@ class DistributionService:
         # may not distribute.
         made: dict[tuple[str, str, UUID | None], dict[str, Any]] = {}
         payloads: list[dict[str, Any]] = []
+        until, size = time.monotonic() + CONVERSION_SECONDS, _text_size(content)
         for target, effective, verdict, view in zip(targets, policies, verdicts, seen, strict=True):
             if not verdict.allowed:
                 payloads.append({})
@@ -290,7 +313,10 @@ class DistributionService:
             key = (target.channel_type, effective.model_dump_json(), view)
             if key not in made:
                 try:
-                    made[key] = self.adapters.get(target.channel_type).transform(views[view], effective)
+                    transform = partial(self.adapters.get(target.channel_type).transform, views[view], effective)
+                    made[key] = await _converting(until, size, transform)
+                except text.TooComplex as exc:
+                    raise _too_complex(content, exc) from None
                 except text.DoesNotFit as exc:
                     raise errors.DistributionError(
                         "POLICY_DOES_NOT_FIT",
@@ -307,17 +333,25 @@ class DistributionService:
             excerpts = {
                 view: access.excerpt_cut(content, verdict.grant) for view, verdict in zip(seen, verdicts, strict=True)
             }
+
+            def previews() -> list[Preview]:
+                return [
+                    self._preview(target, payload, views[view], effective, verdict.decision, excerpts[view])
+                    for target, payload, effective, verdict, view in zip(
+                        targets, payloads, policies, verdicts, seen, strict=True
+                    )
+                ]
+
+            try:
+                shown = await _converting(until, size, previews)
+            except text.TooComplex as exc:
+                raise _too_complex(content, exc) from None
             return Plan(
                 id=None,
                 content_item_id=content.id,
                 content_version=content.version,
                 status="dry_run",
-                previews=[
-                    self._preview(target, payload, views[view], effective, verdict.decision, excerpts[view])
-                    for target, payload, effective, verdict, view in zip(
-                        targets, payloads, policies, verdicts, seen, strict=True
-                    )
-                ],
+                previews=shown,
             )
         plan = await self._queue_plan(request, agent, content, targets, payloads, verdicts)
         if request.await_delivery:
@@ -558,6 +592,31 @@ class DistributionService:
     async def _receipts(self, plan_id: UUID) -> list[Receipt]:
         rows = await self.pool.fetch(queries.GET_PLAN_RECEIPTS, plan_id)
         return [Receipt.model_validate(dict(row)) for row in rows]
+
+
+async def _converting(until: float, size: int, work: Callable[[], T]) -> T:
+    """``work`` (converting or cutting text ``size`` characters long) under the deadline ``until``:
+    in a worker thread when the text is long, else at once."""
+
+    def run() -> T:
+        with text.deadline(until):
+            return work()
+
+    return await anyio.to_thread.run_sync(run) if size > OFF_LOOP_CHARS else run()
+
+
+def _text_size(content: ContentItem) -> int:
+    return len(content.title) + len(content.body) + len(content.summary or "")
+
+
+def _too_complex(content: ContentItem, exc: text.TooComplex) -> errors.DistributionError:
+    return errors.DistributionError(
+        "CONTENT_TOO_COMPLEX",
+        f"Content item {content.id} cannot be converted for its channels in time: {exc}.",
+        "Shorten the item's body or simplify its markup (fewer links, lines and tags), or make the plan "
+        "without the body (transformPolicy.includeBody: false).",
+        contentItemId=str(content.id),
+    )
 
 
 def _validate_part(model: type[BaseModel], value: dict[str, Any], name: str, code: str) -> Any:
