@@ -41,7 +41,7 @@ from scratch import (  # bench/scratch.py, beside this script
     scratch_database,
 )
 
-from queue_worker.adapters import Adapter, DeliveryResult, DeliveryTarget
+from queue_worker.adapters import Adapter, DeliveryResult, DeliveryTarget, ResendSafety
 from queue_worker.worker import Worker
 from wordclaw_mcp import queries
 from wordclaw_mcp.config import Settings
@@ -64,6 +64,9 @@ class NoopAdapter(Adapter):
 
     channel_type: ClassVar[str] = NOOP
     config_model: ClassVar[type[BaseModel]] = NoopConfig
+    # As the webhook channel declares: a resend is made safe by the job id the request carries.
+    # Left to the default (none), every delivery would be marked as sending first.
+    resend: ClassVar[ResendSafety] = ResendSafety("idempotency_key")
 
     def __init__(self, expected: int) -> None:
         super().__init__()

@@ -130,13 +130,13 @@ class ClaimedJob:
     # Whether the target was backing off a 429 when claimed: a success resets it.
     target_backing_off: bool = False
     # When this worker received the claim (its monotonic clock).
-    claimed_at: float = field(default_factory=time.monotonic, compare=False)
+    claimed_at: float = field(default=0.0, compare=False)
 
     @classmethod
-    def from_row(cls, row: asyncpg.Record) -> ClaimedJob:
+    def from_row(cls, row: asyncpg.Record, claimed_at: float = 0.0) -> ClaimedJob:
         values = dict(row)
         values["payload"] = values.pop("payload_snapshot")
-        return cls(**values)
+        return cls(**values, claimed_at=claimed_at)
 
     def seconds_since_maybe_sent(self) -> float | None:
         if self.maybe_sent_seconds_ago is None:
@@ -480,7 +480,8 @@ class Worker:
         if limit <= 0:
             return []
         rows = await self.pool.fetch(queries.CLAIM_JOBS, limit, float(self.settings.lease_seconds), self.name)
-        jobs = [ClaimedJob.from_row(row) for row in rows]
+        now = time.monotonic()
+        jobs = [ClaimedJob.from_row(row, now) for row in rows]
         self._held.update((job.id, job.claim_token) for job in jobs)
         if entitled := [job for job in jobs if job.entitlement_id is not None]:
             await self._log_decisions(entitled)
@@ -756,11 +757,14 @@ class Worker:
             except Exception as exc:
                 await self._database_trouble(exc, "marking an attempt as sending")
                 return Outcome.release(job, "The database could not be reached before sending; nothing was sent.")
-        attempt = current_attempt.set(AttemptInfo(job.attempt, may_have_posted_before=since is not None))
-        try:
+        if job.attempt == 1 and since is None:  # the context's default: a first attempt
             result = await self._deliver(job, adapter, secrets)
-        finally:
-            current_attempt.reset(attempt)
+        else:
+            attempt = current_attempt.set(AttemptInfo(job.attempt, may_have_posted_before=since is not None))
+            try:
+                result = await self._deliver(job, adapter, secrets)
+            finally:
+                current_attempt.reset(attempt)
         return Outcome.judged(job, result, safety, delivery_progress.get())
 
     async def deliver(self, job: ClaimedJob) -> DeliveryResult:
@@ -849,9 +853,14 @@ class Worker:
             [o.result.retryable for o in outcomes],
             [o.retry_delay for o in outcomes],
             [o.released for o in outcomes],
-            [until.get(o.job.target_id) if o.result.throttled else None for o in outcomes],
-            [o.maybe_sent for o in outcomes],
-            [o.resend_window for o in outcomes],
+            # Columns that are null in most batches go as one null, which unnest pads with nulls:
+            # encoding arrays of them cost a share of each job's CPU.
+            [until.get(o.job.target_id) if o.result.throttled else None for o in outcomes] if until else None,
+            # Only an attempt that failed is ever sent again; a success's row ends here.
+            [o.maybe_sent for o in outcomes]
+            if any(o.maybe_sent and not o.result.succeeded for o in outcomes)
+            else None,
+            [o.resend_window for o in outcomes] if any(o.resend_window is not None for o in outcomes) else None,
             TARGET_INACTIVE,
             float(self.settings.max_throttled_seconds),
             THROTTLED_TOO_LONG,
