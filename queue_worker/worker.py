@@ -9,6 +9,7 @@ import re
 import socket
 import time
 import traceback
+import uuid
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -200,9 +201,12 @@ class Outcome:
         cannot take a request twice, such an attempt is never tried again by itself: it ends
         DELIVERY_OUTCOME_UNKNOWN, whatever the adapter thought of retrying it.
         """
+        window = None if safety.key_lifetime is None else max(safety.key_lifetime - RESEND_MARGIN, 0.0)
+        if result.succeeded:
+            return cls(job, result, 0.0, maybe_sent=True, resend_window=window)
         refused = result.refused or result.status_code == 429  # throttled before it was looked at
-        maybe_sent = result.succeeded or (progress is not Progress.NOT_SENT and not refused)
-        if safety.resend_is_unsafe and maybe_sent and not result.succeeded and (result.retryable or result.throttled):
+        maybe_sent = progress is not Progress.NOT_SENT and not refused
+        if safety.resend_is_unsafe and maybe_sent and (result.retryable or result.throttled):
             said = (result.error or "no answer").removeprefix("DELIVERY_OUTCOME_UNKNOWN: ")
             result = replace(
                 result,
@@ -212,7 +216,6 @@ class Outcome:
                 error=f"DELIVERY_OUTCOME_UNKNOWN: the request may have reached the channel ({said}), and this "
                 f"channel cannot take a request twice, so it is not sent again by itself. {CHECK_THEN_REDRIVE}",
             )
-        window = None if safety.key_lifetime is None else max(safety.key_lifetime - RESEND_MARGIN, 0.0)
         return cls.of(job, result, maybe_sent=maybe_sent, resend_window=window, delay=delay)
 
     @classmethod
@@ -479,7 +482,9 @@ class Worker:
     async def claim(self, limit: int) -> list[ClaimedJob]:
         if limit <= 0:
             return []
-        rows = await self.pool.fetch(queries.CLAIM_JOBS, limit, float(self.settings.lease_seconds), self.name)
+        rows = await self.pool.fetch(
+            queries.CLAIM_JOBS, limit, float(self.settings.lease_seconds), self.name, uuid.uuid4()
+        )
         now = time.monotonic()
         jobs = [ClaimedJob.from_row(row, now) for row in rows]
         self._held.update((job.id, job.claim_token) for job in jobs)
@@ -518,6 +523,7 @@ class Worker:
         outcomes: list[Outcome] = []
 
         async def attempt(job: ClaimedJob) -> None:
+            delivery_progress.set(Progress.NOT_SENT)  # this task's own context
             if (done := await self.attempt(job)) is not None:
                 outcomes.append(done)
 
@@ -720,8 +726,8 @@ class Worker:
     async def attempt(self, job: ClaimedJob) -> Outcome | None:
         """Deliver one claimed job; never raises. None when the claim turned out not to be this
         worker's any more (a channel that cannot take a request twice checks just before sending):
-        nothing was sent, and nothing is to be written."""
-        delivery_progress.set(Progress.NOT_SENT)  # the caller's context keeps what it had (_process)
+        nothing was sent, and nothing is to be written. The caller starts its ``delivery_progress`` at
+        NOT_SENT (``_process``)."""
         if job.denied is not None:
             return Outcome.unsent(job, ENTITLEMENT_GONE[job.denied])
         try:
@@ -768,6 +774,7 @@ class Worker:
         return Outcome.judged(job, result, safety, delivery_progress.get())
 
     async def deliver(self, job: ClaimedJob) -> DeliveryResult:
+        delivery_progress.set(Progress.NOT_SENT)
         done = await self.attempt(job)
         assert done is not None, "the claim was lost"
         return done.result

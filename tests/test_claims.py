@@ -32,14 +32,20 @@ async def holder(db: asyncpg.Connection, job_id: UUID) -> asyncpg.Record:
 
 
 async def test_every_claim_gets_a_token_of_its_own_and_a_finished_job_keeps_none(
-    service: DistributionService, worker: Worker, receiver: WebhookReceiver, db: asyncpg.Connection
+    runtime: Runtime, service: DistributionService, receiver: WebhookReceiver, db: asyncpg.Connection
 ) -> None:
+    first, second = Worker(runtime, name="first"), Worker(runtime, name="second")
     await publish(service, [receiver.url, receiver.url + "?b"])
-    claimed = await worker.claim(2)
-    assert len({job.claim_token for job in claimed}) == 2 and None not in {job.claim_token for job in claimed}
-    for job in claimed:
+    [one] = await first.claim(1)
+    [other] = await second.claim(1)
+    assert None not in {one.claim_token, other.claim_token} and one.claim_token != other.claim_token
+    for job in (one, other):
         assert (await holder(db, job.id))["claim_token"] == job.claim_token
-    await worker.record_many([await worker.attempt(job) for job in claimed])
+    await first.record_many([Outcome.release(one, "not started", 0.0)])
+    [again] = await first.claim(1)
+    assert again.id == one.id and again.claim_token not in {one.claim_token, other.claim_token}
+    await first.record_many([await first.attempt(again)])
+    await second.record_many([await second.attempt(other)])
     assert await db.fetchval("SELECT count(*) FROM distribution_jobs WHERE claim_token IS NOT NULL") == 0
 
 

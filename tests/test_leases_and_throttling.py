@@ -319,7 +319,7 @@ async def test_the_claim_walks_its_indexes_at_a_hundred_thousand_queued_jobs(
     await queue_backlog(db, plan.id, target_id, 100_000)
     await db.execute("UPDATE distribution_jobs SET attempt = 1 WHERE random() < 0.5")
     await db.execute("ANALYZE distribution_jobs")
-    plan_json = await db.fetchval(f"EXPLAIN (FORMAT JSON) {queries.CLAIM_JOBS}", 20, 30.0, "explain")
+    plan_json = await db.fetchval(f"EXPLAIN (FORMAT JSON) {queries.CLAIM_JOBS}", 20, 30.0, "explain", uuid.uuid4())
     text = json.dumps(plan_json)
     assert '"Index Name": "distribution_jobs_claim_fresh"' in text, text
     assert '"Index Name": "distribution_jobs_claim"' in text, text
@@ -445,7 +445,7 @@ async def test_the_claim_counts_running_jobs_in_a_snapshot_taken_after_it_locks_
             await eventually(lambda: waiting_for_a_lock(db, late_pid), within=10)
             # Meanwhile another worker claims a job and commits.
             async with service.pool.acquire() as other:
-                assert len(await other.fetch(queries.CLAIM_JOBS, 10, 30.0, "other")) == 1
+                assert len(await other.fetch(queries.CLAIM_JOBS, 10, 30.0, "other", uuid.uuid4())) == 1
             await db.execute("SELECT pg_advisory_unlock(6006)")  # opens the gate
             with anyio.fail_after(10):
                 await counts.wait()
@@ -497,9 +497,9 @@ async def test_two_claims_at_the_same_moment_cannot_both_fill_a_limited_targets_
     try:
         async with first.transaction():
             # The first claim has not committed, so its running job is invisible to the second.
-            assert len(await first.fetch(queries.CLAIM_JOBS, 10, 30.0, "first")) == 1
+            assert len(await first.fetch(queries.CLAIM_JOBS, 10, 30.0, "first", uuid.uuid4())) == 1
             with anyio.fail_after(5):
-                assert await second.fetch(queries.CLAIM_JOBS, 10, 30.0, "second") == []
+                assert await second.fetch(queries.CLAIM_JOBS, 10, 30.0, "second", uuid.uuid4()) == []
     finally:
         await service.pool.release(first)
         await service.pool.release(second)

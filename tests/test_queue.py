@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -89,10 +90,10 @@ async def test_concurrent_claims_skip_each_others_locked_jobs(
     second = await service.pool.acquire()
     try:
         async with first.transaction():
-            mine = await first.fetch(queries.CLAIM_JOBS, 4, 60.0, "first")
+            mine = await first.fetch(queries.CLAIM_JOBS, 4, 60.0, "first", uuid.uuid4())
             # The first claim's row locks are still held: the second skips those rows.
             with anyio.fail_after(5):
-                theirs = await second.fetch(queries.CLAIM_JOBS, 10, 60.0, "second")
+                theirs = await second.fetch(queries.CLAIM_JOBS, 10, 60.0, "second", uuid.uuid4())
         assert len(mine) == 4
         assert len(theirs) == 2
         assert {row["id"] for row in mine}.isdisjoint({row["id"] for row in theirs})

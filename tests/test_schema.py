@@ -156,7 +156,8 @@ async def test_the_claim_query_is_served_by_the_claim_index(database_url: str) -
             plan,
         )
         await conn.execute("ANALYZE distribution_jobs")
-        plan_json = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {queries.CLAIM_JOBS}", 10, 60.0, "explain")
+        claim = f"EXPLAIN (FORMAT JSON) {queries.CLAIM_JOBS}"
+        plan_json = await conn.fetchval(claim, 10, 60.0, "explain", uuid.uuid4())
         text = json.dumps(plan_json)
         assert "distribution_jobs_claim" in text, text
         assert '"Relation Name": "distribution_jobs", "Alias": "j", "Node Type": "Seq Scan"' not in text

@@ -413,9 +413,10 @@ RETURNING {_ENTITLEMENT_COLUMNS}
 # distribution_jobs_claim_fresh, distribution_jobs_claim), and SKIP LOCKED lets workers claim
 # side by side.
 #
-# Each job gets a new claim token, which every later write about this attempt names. The claim
-# commits durably: a claim that a server crash could undo would let the job be claimed again
-# under the same attempt number while the first worker still delivers it.
+# The claim's token ($4, new for every claim: the worker makes it) goes on each job it takes, and
+# every later write about these attempts names it. The claim commits durably: a claim that a
+# server crash could undo would let the job be claimed again under the same attempt number while
+# the first worker still delivers it.
 CLAIM_JOBS = """
 WITH locked_targets AS (
     -- Targets with a limit, locked for this claim so that two workers never both fill the same
@@ -490,7 +491,7 @@ SET status = 'running',
     attempt = j.attempt + 1,
     lease_expires_at = now() + make_interval(secs => $2),
     locked_by = $3,
-    claim_token = gen_random_uuid(),
+    claim_token = $4,
     claimed_at = now(),
     sending_at = NULL,
     updated_at = now()
@@ -633,8 +634,10 @@ WITH outcome AS (
            j.throttled_since, j.cancel_requested_at IS NOT NULL AS cancel_requested, t.active AS target_active,
            j.attempt AS job_attempt,
            -- When a resend may last be sent, for a channel whose idempotency key expires.
-           coalesce(j.maybe_sent_at, CASE WHEN o.maybe_sent THEN j.claimed_at END)
-               + make_interval(secs => o.resend_window) AS window_ends
+           CASE WHEN o.resend_window IS NOT NULL THEN
+               coalesce(j.maybe_sent_at, CASE WHEN o.maybe_sent THEN j.claimed_at END)
+                   + make_interval(secs => o.resend_window)
+           END AS window_ends
     FROM outcome o
     JOIN distribution_jobs j ON j.id = o.job_id
     JOIN distribution_targets t ON t.id = j.target_id
