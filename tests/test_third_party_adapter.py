@@ -8,6 +8,8 @@ from __future__ import annotations
 import ast
 import json
 import logging
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -160,3 +162,16 @@ def test_the_core_never_imports_the_worker_package() -> None:
                 f"{path.relative_to(ROOT)}:{node.lineno}" for name in names if name.split(".")[0] == "queue_worker"
             ]
     assert offenders == []
+
+
+def test_the_worker_starts_without_the_mcp_sdk() -> None:
+    # The SDK's types take about half a second to import and 20 MB to hold: a worker has no use
+    # for them, and its start-up is measured (docs/benchmarks.md).
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, queue_worker.cli; print(sorted({m.split('.')[0] for m in sys.modules}))"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    ).stdout
+    assert "'mcp'" not in loaded and "'mcp_types'" not in loaded, loaded

@@ -15,7 +15,6 @@ import asyncpg
 
 from . import __version__, cli_access
 from .access import AccessService, key_required
-from .bearer import serve_http
 from .config import Settings
 from .database import apply_schema, create_pool_for, resolve_url
 from .errors import DistributionError
@@ -196,6 +195,10 @@ def mcp_main(argv: list[str] | None = None) -> int:
         anyio.run(server.run_stdio_async, backend_options=event_loop_options())
     else:
         # Every HTTP request is authenticated by its bearer key (wordclaw_mcp/bearer.py).
+        # Imported here: it brings the MCP SDK's HTTP stack, which wordclaw-worker (importing this
+        # module for its logging helpers) must not pay for at start-up.
+        from .bearer import serve_http
+
         http = functools.partial(serve_http, server, settings, host=args.host, port=args.port)
         anyio.run(http, backend_options=event_loop_options())
     return 0
