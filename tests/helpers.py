@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 from uuid import UUID
@@ -16,6 +17,7 @@ from mcp import Client
 from mcp.types import CallToolResult
 
 from queue_worker.adapters.webhook import new_signing_secret  # noqa: F401 - re-exported for the tests
+from wordclaw_mcp.config import Settings
 from wordclaw_mcp.models import (
     CreateDistributionPlanInput,
     Plan,
@@ -162,3 +164,29 @@ async def publish(
 async def waiting_for_a_lock(conn: asyncpg.Connection, pid: int) -> bool:
     """Whether the session ``pid`` is blocked on a lock, as seen from ``conn``."""
     return await conn.fetchval("SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", pid) is True
+
+
+@asynccontextmanager
+async def serving_http(settings: Settings) -> AsyncIterator[str]:
+    """wordclaw-mcp over streamable HTTP on 127.0.0.1 (serve_http, as the CLI runs it); its URL."""
+    import uvicorn
+
+    from wordclaw_mcp.bearer import serve_http
+    from wordclaw_mcp.server import build_server
+
+    servers: list[uvicorn.Server] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(
+            lambda: serve_http(build_server(settings), settings, host="127.0.0.1", port=0, ready=servers.append)
+        )
+
+        async def started() -> bool:
+            return bool(servers) and servers[0].started
+
+        await eventually(started, within=15)
+        port = servers[0].servers[0].sockets[0].getsockname()[1]
+        try:
+            yield f"http://127.0.0.1:{port}/mcp"
+        finally:
+            servers[0].should_exit = True
+

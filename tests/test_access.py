@@ -18,7 +18,7 @@ import pytest
 from mcp import Client
 
 from queue_worker.worker import Worker
-from tests.helpers import answer_of, call, call_error, eventually
+from tests.helpers import answer_of, call, call_error, serving_http
 from wordclaw_mcp.access import AccessService
 from wordclaw_mcp.config import Settings
 from wordclaw_mcp.errors import DistributionError
@@ -147,30 +147,6 @@ async def test_admin_implies_every_scope(access: AccessService, client_for: Agen
 
 
 # --- HTTP -----------------------------------------------------------------------------------------
-
-
-@asynccontextmanager
-async def serving_http(settings: Settings) -> AsyncIterator[str]:
-    """wordclaw-mcp over streamable HTTP on 127.0.0.1 (serve_http, as the CLI runs it); its URL."""
-    import uvicorn
-
-    from wordclaw_mcp.bearer import serve_http
-
-    servers: list[uvicorn.Server] = []
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(
-            lambda: serve_http(build_server(settings), settings, host="127.0.0.1", port=0, ready=servers.append)
-        )
-
-        async def started() -> bool:
-            return bool(servers) and servers[0].started
-
-        await eventually(started, within=15)
-        port = servers[0].servers[0].sockets[0].getsockname()[1]
-        try:
-            yield f"http://127.0.0.1:{port}/mcp"
-        finally:
-            servers[0].should_exit = True
 
 
 async def test_http_answers_401_without_a_valid_bearer_key_and_serves_the_keys_agent(

@@ -369,24 +369,39 @@ def owned_cluster(tmp_path: Path) -> Iterator[Cluster]:
         cluster.destroy()
 
 
-async def test_a_worker_reconnects_by_itself_after_its_database_restarts_and_no_job_is_lost(
-    owned_cluster: Cluster, tmp_path: Path
-) -> None:
-    admin = await asyncpg.connect(owned_cluster.url("postgres"))
+async def wordclaw_database(cluster: Cluster, tmp_path: Path, *server_settings: str) -> tuple[str, Settings]:
+    """A database with the schema on ``cluster``, after running ``server_settings`` (ALTER SYSTEM …)
+    and reloading; its URL and settings for the test's own processes."""
+    admin = await asyncpg.connect(cluster.url("postgres"))
     try:
         await admin.execute(queries.create_database("wordclaw"))
+        for statement in server_settings:
+            await admin.execute(statement)
+        await admin.execute("SELECT pg_reload_conf()")
     finally:
         await admin.close()
-    url = owned_cluster.url("wordclaw")
+    url = cluster.url("wordclaw")
     conn = await connect(url)
     try:
         await apply_schema(conn)
     finally:
         await conn.close()
-    key = Fernet.generate_key().decode()
     settings = Settings(
-        database_url=url, home=tmp_path / "home", secret_keys=(key,), allow_private_targets=True, run_worker=False
+        database_url=url,
+        home=tmp_path / "home",
+        secret_keys=(Fernet.generate_key().decode(),),
+        allow_private_targets=True,
+        run_worker=False,
+        local_agent=True,
     )
+    return url, settings
+
+
+async def test_a_worker_reconnects_by_itself_after_its_database_restarts_and_no_job_is_lost(
+    owned_cluster: Cluster, tmp_path: Path
+) -> None:
+    url, settings = await wordclaw_database(owned_cluster, tmp_path)
+    key = settings.secret_keys[0]
     plans, targets = 50, 10
     env = external_database_env(url, tmp_path) | {
         "WORDCLAW_SECRET_KEYS": key,
@@ -452,27 +467,7 @@ async def test_a_claim_survives_a_server_crash_so_no_other_worker_takes_the_atte
     claim the job again under the same attempt number while the first still delivers it, and the
     first's late result would move the second's attempt. The WAL writer is made slow, so that a
     commit that did not wait for its flush is still in the WAL buffers when the server dies."""
-    admin = await asyncpg.connect(owned_cluster.url("postgres"))
-    try:
-        await admin.execute(queries.create_database("wordclaw"))
-        await admin.execute("ALTER SYSTEM SET wal_writer_delay = '10s'")
-        await admin.execute("SELECT pg_reload_conf()")
-    finally:
-        await admin.close()
-    url = owned_cluster.url("wordclaw")
-    conn = await connect(url)
-    try:
-        await apply_schema(conn)
-    finally:
-        await conn.close()
-    settings = Settings(
-        database_url=url,
-        home=tmp_path / "home",
-        secret_keys=(Fernet.generate_key().decode(),),
-        allow_private_targets=True,
-        run_worker=False,
-        local_agent=True,
-    )
+    _url, settings = await wordclaw_database(owned_cluster, tmp_path, "ALTER SYSTEM SET wal_writer_delay = '10s'")
     gate = threading.Event()
     with WebhookReceiver() as receiver:
         receiver.behaviour.gate = gate

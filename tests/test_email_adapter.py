@@ -203,12 +203,39 @@ async def test_a_wrong_password_fails_the_job_without_showing_it(
     assert receipt.status_code == 535 and PASSWORD not in receipt.model_dump_json()
 
 
-async def test_starttls_verifies_the_servers_name(settings: Settings, tmp_path: Path) -> None:
+def localhost_certificate(tmp_path: Path) -> tuple[ssl.SSLContext, Path]:
+    """A server context whose certificate names localhost (not 127.0.0.1), and the CA file to trust."""
     authority = trustme.CA()
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     authority.issue_cert("localhost").configure_cert(server_context)
     ca_file = tmp_path / "ca.pem"
     authority.cert_pem.write_to_path(str(ca_file))
+    return server_context, ca_file
+
+
+async def only_the_certificates_name_gets_the_message(
+    settings: Settings, ca_file: Path, controller: Controller, box: Mailbox, security: str
+) -> None:
+    """Mail to ``localhost`` (the certificate's name) arrives; mail to 127.0.0.1 fails at once, with
+    SMTP_CERTIFICATE_INVALID: no retry verifies a certificate that did not verify."""
+    controller.start()
+    try:
+        async with Runtime.open(replace(settings, ca_bundle=str(ca_file))) as runtime:
+            service, worker = DistributionService(runtime), Worker(runtime)
+            good = await publish(service, controller.port, host="localhost", security=security)
+            bad = await publish(service, controller.port, security=security)
+            await worker.run_once()
+            assert (await service.get_plan(PlanRef(plan_id=good.id))).status == "succeeded"
+            [job] = (await service.get_plan(PlanRef(plan_id=bad.id))).jobs
+            assert (job.status, job.attempt) == ("failed", 1), job
+            assert job.last_error.startswith("SMTP_CERTIFICATE_INVALID:") and "WORDCLAW_CA_BUNDLE" in job.last_error
+    finally:
+        controller.stop()
+    assert len(box.received) == 1
+
+
+async def test_starttls_verifies_the_servers_name(settings: Settings, tmp_path: Path) -> None:
+    server_context, ca_file = localhost_certificate(tmp_path)
     box = Mailbox()
     controller = Controller(
         box,
@@ -218,30 +245,11 @@ async def test_starttls_verifies_the_servers_name(settings: Settings, tmp_path: 
         require_starttls=True,
         authenticator=authenticate,
     )
-    controller.start()
-    try:
-        async with Runtime.open(replace(settings, ca_bundle=str(ca_file))) as runtime:
-            service, worker = DistributionService(runtime), Worker(runtime)
-            good = await publish(service, controller.port, host="localhost", security="starttls")
-            # The certificate names localhost, not 127.0.0.1: verifying the name must refuse it.
-            bad = await publish(service, controller.port, security="starttls")
-            await worker.run_once()
-            assert (await service.get_plan(PlanRef(plan_id=good.id))).status == "succeeded"
-            [job] = (await service.get_plan(PlanRef(plan_id=bad.id))).jobs
-            # Fails at once: no retry verifies a certificate that did not verify.
-            assert (job.status, job.attempt) == ("failed", 1), job
-            assert job.last_error.startswith("SMTP_CERTIFICATE_INVALID:") and "WORDCLAW_CA_BUNDLE" in job.last_error
-    finally:
-        controller.stop()
-    assert len(box.received) == 1
+    await only_the_certificates_name_gets_the_message(settings, ca_file, controller, box, "starttls")
 
 
 async def test_tls_from_the_start_verifies_the_servers_name(settings: Settings, tmp_path: Path) -> None:
-    authority = trustme.CA()
-    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    authority.issue_cert("localhost").configure_cert(server_context)
-    ca_file = tmp_path / "ca.pem"
-    authority.cert_pem.write_to_path(str(ca_file))
+    server_context, ca_file = localhost_certificate(tmp_path)
     box = Mailbox()
     # aiosmtpd counts only STARTTLS as encryption when it decides whether to offer AUTH; this
     # connection is encrypted from its first byte, so AUTH is allowed without it.
@@ -253,20 +261,7 @@ async def test_tls_from_the_start_verifies_the_servers_name(settings: Settings, 
         authenticator=authenticate,
         auth_require_tls=False,
     )
-    controller.start()
-    try:
-        async with Runtime.open(replace(settings, ca_bundle=str(ca_file))) as runtime:
-            service, worker = DistributionService(runtime), Worker(runtime)
-            good = await publish(service, controller.port, host="localhost", security="tls")
-            bad = await publish(service, controller.port, security="tls")  # the certificate names localhost
-            await worker.run_once()
-            assert (await service.get_plan(PlanRef(plan_id=good.id))).status == "succeeded"
-            [job] = (await service.get_plan(PlanRef(plan_id=bad.id))).jobs
-            assert (job.status, job.attempt) == ("failed", 1), job
-            assert job.last_error.startswith("SMTP_CERTIFICATE_INVALID:")
-    finally:
-        controller.stop()
-    assert len(box.received) == 1
+    await only_the_certificates_name_gets_the_message(settings, ca_file, controller, box, "tls")
 
 
 # --- what the server refuses ----------------------------------------------------------------------

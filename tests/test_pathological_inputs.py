@@ -13,22 +13,17 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
 import httpx2
 import pytest
-import uvicorn
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from tests.helpers import call, eventually
-from wordclaw_mcp.bearer import serve_http
+from tests.helpers import call, serving_http
 from wordclaw_mcp.config import Settings
 from wordclaw_mcp.models import RegisterTargetInput
-from wordclaw_mcp.server import build_server
 from wordclaw_mcp.service import DistributionService
 
 pytestmark = pytest.mark.anyio
@@ -36,27 +31,6 @@ pytestmark = pytest.mark.anyio
 HEAVY_SECONDS = 2.0  # the most any call may take (issue 15)
 LIGHT_SECONDS = 0.2  # the most another session's call may take meanwhile
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@asynccontextmanager
-async def http_server(settings: Settings) -> AsyncIterator[str]:
-    """One MCP server over streamable HTTP on 127.0.0.1, as ``wordclaw-mcp --transport
-    streamable-http`` serves it; yields its URL."""
-    servers: list[uvicorn.Server] = []
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(
-            lambda: serve_http(build_server(settings), settings, host="127.0.0.1", port=0, ready=servers.append)
-        )
-
-        async def started() -> bool:
-            return bool(servers) and servers[0].started
-
-        await eventually(started, within=15)
-        port = servers[0].servers[0].sockets[0].getsockname()[1]
-        try:
-            yield f"http://127.0.0.1:{port}/mcp"
-        finally:
-            servers[0].should_exit = True
 
 
 async def test_no_input_stalls_the_server_nor_another_tenants_calls(
@@ -72,7 +46,7 @@ async def test_no_input_stalls_the_server_nor_another_tenants_calls(
     )
     light_seconds: list[float] = []
     async with (
-        http_server(settings) as url,
+        serving_http(settings) as url,
         httpx2.AsyncClient(headers={"Authorization": f"Bearer {light_key}"}, timeout=60) as http,
         Client(streamable_http_client(url, http_client=http)) as light,
     ):
