@@ -757,12 +757,17 @@ class Worker:
             return Outcome.unsent(job, RESEND_WINDOW_PASSED)
         if safety.resend_is_unsafe:
             try:
-                if await self.pool.fetchval(queries.MARK_SENDING, job.id, job.claim_token) is None:
-                    log.warning("worker %s: job %s is no longer its own; not sending it", self.name, job.id)
-                    return None
+                cancelled = await self.pool.fetchval(queries.MARK_SENDING, job.id, job.claim_token)
             except Exception as exc:
                 await self._database_trouble(exc, "marking an attempt as sending")
                 return Outcome.release(job, "The database could not be reached before sending; nothing was sent.")
+            if cancelled is None:
+                log.warning("worker %s: job %s is no longer its own; not sending it", self.name, job.id)
+                if self._held.get(job.id) == job.claim_token:
+                    del self._held[job.id]  # nothing to renew: another claim holds it
+                return None
+            if cancelled:
+                return Outcome.release(job, "Cancelled before its delivery started.", NOT_STARTED_DELAY)
         if job.attempt == 1 and since is None:  # the context's default: a first attempt
             result = await self._deliver(job, adapter, secrets)
         else:

@@ -577,11 +577,12 @@ RETURNING job_id
 
 # Durably, before a channel that cannot take a request twice (X) is sent this attempt: a rescue
 # then knows the attempt may have reached the channel. No row: the claim is no longer this
-# worker's (its lease ran out), so it must not send.
+# worker's (its lease ran out), so it must not send. A plan cancelled meanwhile (the worker may
+# not have heard: a notification can be lost) is not marked, and says so: nothing is sent.
 MARK_SENDING = """
-UPDATE distribution_jobs SET sending_at = now()
+UPDATE distribution_jobs SET sending_at = CASE WHEN cancel_requested_at IS NULL THEN now() END
 WHERE id = $1 AND claim_token = $2 AND status = 'running'
-RETURNING id
+RETURNING cancel_requested_at IS NOT NULL AS cancelled
 """
 
 # Transition: running -> succeeded | queued (retry or throttled) | failed | cancelled, with each
@@ -661,7 +662,9 @@ WITH outcome AS (
                 WHEN retryable AND budget_left AND in_window THEN 'queued'
                 ELSE 'failed' END AS status,
            CASE WHEN NOT on_time OR succeeded OR cancel_requested THEN NULL
-                WHEN NOT target_active THEN $15
+                -- Only an attempt that would have been tried again: a final one keeps its own reason
+                -- (DELIVERY_OUTCOME_UNKNOWN above all: it may have posted).
+                WHEN NOT target_active AND (retryable OR released OR throttled_until IS NOT NULL) THEN $15
                 WHEN released THEN NULL
                 WHEN throttled_until IS NOT NULL THEN CASE WHEN too_long THEN $17 END
                 WHEN retryable AND budget_left AND NOT in_window THEN $18

@@ -1,0 +1,47 @@
+"""Review of issue 15 §5: the budget test makes dry runs only. A real plan of the largest allowed
+item (a body of 1,000,000 characters) to the most targets a plan may name (100 webhooks) encodes
+the same megabyte payload once per job on the event loop (asyncpg's jsonb[] parameter of
+CREATE_PLAN), and sends a hundred megabytes to PostgreSQL: the loop is held meanwhile."""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import pytest
+
+from wordclaw_mcp.models import CreateDistributionPlanInput, RegisterTargetInput, UpsertContentItemInput
+from wordclaw_mcp.service import DistributionService
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_a_plan_of_the_largest_item_to_a_hundred_targets_does_not_hold_the_loop(
+    service: DistributionService,
+) -> None:
+    item = await service.upsert_content_item(UpsertContentItemInput(title="T", body="word " * 200_000))
+    targets = [
+        await service.register_target(
+            RegisterTargetInput(name=f"hook-{n}", channel_type="webhook", config={"url": f"https://example.com/{n}"})
+        )
+        for n in range(100)
+    ]
+    request = CreateDistributionPlanInput(content_item_id=item.id, target_ids=[t.id for t in targets])
+    longest = 0.0
+    done = anyio.Event()
+
+    async def probe() -> None:
+        nonlocal longest
+        while not done.is_set():
+            before = time.monotonic()
+            await anyio.sleep(0.01)
+            longest = max(longest, time.monotonic() - before)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(probe)
+        await anyio.sleep(0.05)
+        started = time.monotonic()
+        await service.create_distribution_plan(request)
+        took = time.monotonic() - started
+        done.set()
+    assert took < 2.0 and longest < 0.2, f"the event loop was held for {longest:.2f} s; the plan took {took:.2f} s"
