@@ -216,9 +216,26 @@ def entitled_content(content: ContentItem, grant: Entitlement | None) -> Content
         update={
             "body": excerpt.text,
             "summary": None if content.summary is None else _cut_to(content.summary, excerpt.limit),
-            "metadata": _metadata_within(content.metadata, excerpt.limit),
+            "metadata": _attribution_within(_metadata_within(content.metadata, excerpt.limit), excerpt.limit),
         }
     )
+
+
+def _attribution_within(metadata: dict[str, Any], bound: int) -> dict[str, Any]:
+    """``metadata`` whose attribution line ("By <author> · <license>") is within ``bound`` too: the
+    line joins two values each already cut to it. The license goes first, then the author is cut."""
+    line = text.attribution_line(metadata)
+    if line is None or len(line) <= bound:
+        return metadata
+    kept = {key: value for key, value in metadata.items() if key != "license"}
+    author = kept.get("author")
+    if author and len(f"By {author}") > bound:
+        room = bound - len("By ")
+        if isinstance(author, str) and room > 0:
+            kept["author"] = _cut_to(author, room)
+        else:
+            del kept["author"]
+    return kept
 
 
 def excerpt_cut(content: ContentItem, grant: Entitlement | None) -> text.Cut | None:

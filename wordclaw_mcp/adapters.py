@@ -374,9 +374,7 @@ def canonical_link(content: ContentItem, policy: TransformPolicy) -> str | None:
 
 def attribution(content: ContentItem) -> str | None:
     """ "By <author> · <license>", from the item's metadata, as far as it has them."""
-    author, license_ = content.metadata.get("author"), content.metadata.get("license")
-    parts = [f"By {author}" if author else None, str(license_) if license_ else None]
-    return " · ".join(part for part in parts if part) or None
+    return text.attribution_line(content.metadata)
 
 
 def social_post(content: ContentItem, policy: TransformPolicy, limit: text.Limit) -> text.Cut:

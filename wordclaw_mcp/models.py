@@ -210,8 +210,9 @@ class TransformPolicy(InputModel):
     include_attribution: bool = Field(
         False, description="Add an attribution line from the item's metadata `author` and `license`."
     )
-    utm: Annotated[dict[str, str] | None, AfterValidator(_utm_keys)] = Field(
-        None, description='UTM parameters added to the canonical link, e.g. {"source": "mastodon"}.'
+    utm: Annotated[dict[str, Annotated[str, Field(max_length=500)]] | None, AfterValidator(_utm_keys)] = Field(
+        None, description='UTM parameters added to the canonical link (up to 500 characters each), e.g. '
+        '{"source": "mastodon"}.'
     )
     hashtags: Annotated[list[str], Field(max_length=30), AfterValidator(_hashtags)] = Field(
         default_factory=list, description="Hashtags to add, with or without '#'."

@@ -283,7 +283,8 @@ class DistributionService:
         verdicts, policies, seen = [], [], []
         # The item as each grant lets it be seen (an excerpt-only grant bounds every field), made
         # once per grant that bounds it: None stands for the item as it is.
-        views: dict[UUID | None, ContentItem] = {}
+        views: dict[UUID | None, ContentItem] = {None: content}
+        bounding: dict[UUID, Entitlement] = {}
         for target in targets:
             merged = policy.over(target.transform_policy)
             verdict = access.decide(agent, content, target.channel_type, merged, grants)
@@ -291,9 +292,15 @@ class DistributionService:
             adapter = self.adapters.get(target.channel_type)
             policies.append(adapter.policy_for(target.config, access.entitled_policy(merged, verdict.grant)))
             view = verdict.grant.id if verdict.grant is not None and verdict.grant.excerpt_only else None
-            if view not in views:
-                views[view] = access.entitled_content(content, verdict.grant)
+            if view is not None:
+                bounding[view] = verdict.grant
             seen.append(view)
+        until, size = time.monotonic() + CONVERSION_SECONDS, _text_size(content)
+        for view, grant in bounding.items():
+            try:
+                views[view] = await _converting(until, size, partial(access.entitled_content, content, grant))
+            except text.TooComplex as exc:
+                raise _too_complex(content, exc) from None
         denied = [(target, verdict) for target, verdict in zip(targets, verdicts, strict=True) if not verdict.allowed]
         if denied and not request.dry_run:
             await self._log_decisions(agent, content, targets, verdicts, "plan")
@@ -305,7 +312,6 @@ class DistributionService:
         # may not distribute.
         made: dict[tuple[str, str, UUID | None], dict[str, Any]] = {}
         payloads: list[dict[str, Any]] = []
-        until, size = time.monotonic() + CONVERSION_SECONDS, _text_size(content)
         for target, effective, verdict, view in zip(targets, policies, verdicts, seen, strict=True):
             if not verdict.allowed:
                 payloads.append({})
@@ -606,7 +612,16 @@ async def _converting(until: float, size: int, work: Callable[[], T]) -> T:
 
 
 def _text_size(content: ContentItem) -> int:
-    return len(content.title) + len(content.body) + len(content.summary or "")
+    return len(content.title) + len(content.body) + len(content.summary or "") + _metadata_size(content.metadata)
+
+
+def _metadata_size(metadata: dict[str, Any]) -> int:
+    """Metadata counts too: an excerpt grant cuts every string in it. Stored metadata nested past
+    what the encoder follows counts as long."""
+    try:
+        return len(json.dumps(metadata, ensure_ascii=False)) if metadata else 0
+    except (RecursionError, ValueError):
+        return OFF_LOOP_CHARS + 1
 
 
 def _too_complex(content: ContentItem, exc: text.TooComplex) -> errors.DistributionError:

@@ -197,7 +197,7 @@ def cut(text: str, limit: Limit, *, suffix: str = "", ellipsis: str = ELLIPSIS) 
     if reach == len(text) and limit.fits(whole):
         return Cut(whole, limit.length(whole), limit.max_length, False)
     if not limit.fits(ellipsis + suffix):
-        raise DoesNotFit(f"the limit of {limit.max_length} leaves no room for {suffix.strip()!r}")
+        raise DoesNotFit(f"the limit of {limit.max_length} leaves no room for {_quoted(suffix.strip())}")
     window = text[:reach]
 
     def fits_at(end: int) -> bool:
@@ -420,3 +420,19 @@ def link_facets(text: str) -> list[dict[str, Any]]:
             }
         )
     return facets
+
+
+def attribution_line(metadata: dict[str, Any]) -> str | None:
+    """ "By <author> · <license>", from an item's metadata, as far as it has them."""
+    author, license_ = metadata.get("author"), metadata.get("license")
+    parts = [f"By {author}" if author else None, str(license_) if license_ else None]
+    return " · ".join(part for part in parts if part) or None
+
+
+def _quoted(kept: str, most: int = 120) -> str:
+    """``kept`` quoted for an error message, its middle left out past ``most`` characters: an
+    error should say what did not fit, not hand the agent back a megabyte."""
+    if len(kept) <= most:
+        return repr(kept)
+    return f"{kept[: most // 2]!r} … {kept[-most // 2 :]!r} ({len(kept):,} characters)"
+
