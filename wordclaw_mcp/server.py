@@ -329,14 +329,24 @@ def build_server(settings: Settings | None = None, *, checked: bool = False) -> 
     async def feed(target_id: str, ctx: Context) -> str:
         service: DistributionService = ctx.request_context.lifespan_context
         try:
+            try:
+                target = UUID(target_id)
+            except ValueError:
+                raise errors.target_not_found(target_id) from None
             agent = await caller(ctx, service)
             if not agent.may("distribution:read"):
                 raise access.forbidden(agent, "distribution:read", "feed://")
-            return await service.read_feed(UUID(target_id), agent=agent)
-        except ValueError:
-            raise ResourceError(json.dumps({"error": errors.target_not_found(target_id).to_dict()})) from None
+            return await service.read_feed(target, agent=agent)
         except DistributionError as exc:
             # The same code, message and remediation a tool answers with.
             raise ResourceError(json.dumps({"error": exc.to_dict()})) from None
+        except Exception:
+            log.exception("reading feed://%s failed unexpectedly", target_id)
+            error = DistributionError(
+                "INTERNAL_ERROR",
+                f"The feed of target {target_id} could not be read.",
+                "Retry once; if it fails again, report it with the server's log.",
+            )
+            raise ResourceError(json.dumps({"error": error.to_dict()})) from None
 
     return server

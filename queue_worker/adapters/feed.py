@@ -4,6 +4,7 @@ whole feed written again, atomically, after each delivery. Not a channel by itse
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from datetime import datetime
 from pathlib import Path, PurePosixPath
@@ -54,6 +55,14 @@ class FeedConfig(BaseModel):
     def _relative(cls, value: str) -> str:
         return _relative_path(value)
 
+    @field_validator("title", "description")
+    @classmethod
+    def _xml_text(cls, value: str) -> str:
+        # Refused from agents; a config stored before is rendered without the character (render).
+        if cls is FeedConfig and _NOT_XML.search(value):
+            raise ValueError("holds a control character XML cannot carry (only tab, line feed and carriage return)")
+        return value
+
 
 class StoredFeedConfig(FeedConfig):
     """A feed target's config as stored: with the file it writes, relative to WORDCLAW_FEEDS_DIR.
@@ -66,6 +75,14 @@ class StoredFeedConfig(FeedConfig):
     @classmethod
     def _relative_file(cls, value: str) -> str:
         return _relative_path(value)
+
+
+# What XML 1.0 cannot carry at all.
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
+def _xml(value: str) -> str:
+    return _NOT_XML.sub("", value)
 
 
 def _relative_path(value: str) -> str:
@@ -157,7 +174,15 @@ class FeedAdapter(Adapter):
         return self.render(feed, await self.store.feed_items(target_id, feed.max_items))
 
     def render(self, config: FeedConfig, entries: list[dict[str, Any]]) -> str:
-        """The whole feed, newest entry first."""
+        """The whole feed, newest entry first.
+
+        Characters XML cannot carry (control characters but tab, line feed and carriage return:
+        an item pasted from a terminal or a word processor may hold them) are left out of every
+        entry and of the feed's own text (a config stored before they were refused), rather than
+        failing the feed for ever.
+        """
+        config = config.model_copy(update={"title": _xml(config.title), "description": _xml(config.description)})
+        entries = [{key: _xml(value) if isinstance(value, str) else value for key, value in e.items()} for e in entries]
         feed = FeedGenerator()
         feed.id(str(config.link))
         feed.title(config.title)
