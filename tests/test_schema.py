@@ -948,6 +948,14 @@ async def test_an_upgrade_from_version_1_keeps_every_row(new_database: Callable[
             "SELECT count(*) FROM distribution_jobs WHERE status <> 'running' AND (claim_token IS NOT NULL OR "
             "claimed_at IS NOT NULL)"
         )
+        # And the retries queued then: an attempt may have reached the channel from the first that failed.
+        retried = await upgraded.fetch(
+            "SELECT j.maybe_sent_at, (SELECT min(created_at) FROM distribution_receipts r "
+            "WHERE r.job_id = j.id AND NOT r.succeeded) AS first_failed FROM distribution_jobs j "
+            "WHERE j.maybe_sent_at IS NOT NULL"
+        )
+        assert retried and all(row["maybe_sent_at"] == row["first_failed"] for row in retried)
+        claimed |= {("distribution_jobs", "maybe_sent_at")}
         added = [row for row in added if (row["table_name"], row["column_name"]) not in claimed]
         for table, column, default in added:
             differing = await upgraded.fetchval(

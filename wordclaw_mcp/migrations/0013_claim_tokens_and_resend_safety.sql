@@ -17,6 +17,29 @@ ALTER TABLE distribution_jobs
 UPDATE distribution_jobs SET claim_token = gen_random_uuid(), claimed_at = updated_at
 WHERE status = 'running' AND claim_token IS NULL;
 
+-- A worker of the earlier release may be sending such an attempt to X or by email right now, and
+-- did not say so: if it dies, its rescue must take the attempt for one that may have been sent.
+UPDATE distribution_jobs j SET sending_at = j.updated_at
+FROM distribution_targets t
+WHERE t.id = j.target_id AND j.status = 'running' AND t.channel_type IN ('x', 'email') AND j.sending_at IS NULL;
+
+-- A retry the earlier release queued may follow an attempt that reached the channel: from its
+-- first failed attempt on, as a rescue would have it (Mastodon's key lasts an hour from then).
+UPDATE distribution_jobs j SET maybe_sent_at = r.first_failed
+FROM (SELECT job_id, min(created_at) AS first_failed FROM distribution_receipts WHERE NOT succeeded GROUP BY job_id) r
+WHERE r.job_id = j.id AND j.status = 'queued' AND j.attempt > 0 AND j.maybe_sent_at IS NULL;
+
+-- The earlier release retried X's 5xx, which may have come after the post was made: such a retry is
+-- not sent by itself any more. It fails as this release would have failed it.
+UPDATE distribution_jobs j
+SET status = 'failed', finished_at = now(), updated_at = now(),
+    last_error = 'DELIVERY_OUTCOME_UNKNOWN: an earlier attempt may have reached X (it answered with a 5xx), and X '
+                 'cannot take a post twice, so it is not sent again by itself. Check the account for the post, and '
+                 'redrive the job (retry_plan, or wordclaw jobs redrive) only if it is not there.'
+FROM distribution_targets t
+WHERE t.id = j.target_id AND t.channel_type = 'x' AND j.status = 'queued'
+  AND EXISTS (SELECT 1 FROM distribution_receipts r WHERE r.job_id = j.id AND r.status_code >= 500);
+
 -- A deactivated target's queued jobs can never be claimed: fail them now so their plans end, with
 -- the target's deactivated_reason (TARGET_INACTIVE when none). Its running jobs fail when their
 -- attempt is recorded (RECORD_ATTEMPTS, RESCUE_EXPIRED_LEASES).
