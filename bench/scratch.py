@@ -15,6 +15,7 @@ import asyncpg
 from mcp import Client
 
 from wordclaw_mcp import queries
+from wordclaw_mcp.service import each_once
 
 
 class BenchmarkFailed(RuntimeError):
@@ -133,6 +134,7 @@ def create_plan_arguments(
     passes them: no idempotency key, no grant, and the duplicate rule waived (benchmarks plan the
     same item and target over and over)."""
     count = len(target_ids)
+    distinct, picks = each_once(payloads)
     return (
         item_id,
         version,
@@ -140,7 +142,7 @@ def create_plan_arguments(
         options or {},
         max_attempts,
         target_ids,
-        payloads,
+        distinct,
         0,
         True,
         BENCH_TENANT,
@@ -149,4 +151,5 @@ def create_plan_arguments(
         [None] * count,
         [channel_type] * count,
         ["OWNER"] * count,
+        picks,
     )

@@ -195,7 +195,9 @@ RETURNING e.id
 # plan. $9 true lets it through (allowDuplicate).
 #
 # $1 content item, $2 its version, $3 agent, $4 options, $5 max attempts, $6 target ids,
-# $7 payloads (parallel to $6), $8 the jobs' priority: 1 for a plan someone is waiting on
+# $7 the plan's distinct payloads, each once, and $16 which one each target gets (1-based,
+# parallel to $6): a megabyte's body to a hundred targets goes over the wire, and through the
+# client's JSON encoder, once rather than a hundred times. $8 the jobs' priority: 1 for a plan someone is waiting on
 # (awaitDelivery), else 0. $10 tenant, $11 idempotency key, $12 digest of the arguments,
 # $13 each job's grant (parallel to $6; null where the agent created the item); $14 channel
 # types and $15 decision codes (parallel to $6), logged as the plan's entitlement decisions.
@@ -217,8 +219,8 @@ WITH duplicates AS (
 ), jobs AS (
     INSERT INTO distribution_jobs
         (plan_id, target_id, position, max_attempts, payload_snapshot, priority, entitlement_id)
-    SELECT plan.id, fanout.target_id, fanout.position, $5, fanout.payload, $8, fanout.entitlement_id
-    FROM plan, unnest($6::uuid[], $7::jsonb[], $13::uuid[]) WITH ORDINALITY
+    SELECT plan.id, fanout.target_id, fanout.position, $5, ($7::jsonb[])[fanout.payload], $8, fanout.entitlement_id
+    FROM plan, unnest($6::uuid[], $16::int[], $13::uuid[]) WITH ORDINALITY
         AS fanout (target_id, payload, entitlement_id, position)
     RETURNING {_JOB_COLUMNS}, position, entitlement_id
 ), decisions AS (

@@ -400,6 +400,7 @@ class DistributionService:
                 if unspent := sorted(set(spend) - {row["id"] for row in spent}):
                     failed = await conn.fetchrow(queries.GET_ENTITLEMENTS, unspent[:1])
                     raise access.spend_failure(Entitlement.model_validate(dict(failed)), content)
+            distinct, picks = each_once(payloads)
             row = await conn.fetchrow(
                 queries.CREATE_PLAN,
                 content.id,
@@ -413,7 +414,7 @@ class DistributionService:
                 },
                 self.settings.max_attempts,
                 target_ids,
-                payloads,
+                distinct,
                 1 if request.await_delivery else 0,  # someone waits: ahead of the backlog
                 request.allow_duplicate,
                 agent.tenant_id,
@@ -422,6 +423,7 @@ class DistributionService:
                 [verdict.grant.id if verdict.grant else None for verdict in verdicts],
                 [target.channel_type for target in targets],
                 [verdict.decision.code for verdict in verdicts],
+                picks,
             )
             if row["id"] is None:
                 raise _duplicate(content.id, row["duplicates"])
@@ -609,6 +611,20 @@ async def _converting(until: float, size: int, work: Callable[[], T]) -> T:
             return work()
 
     return await anyio.to_thread.run_sync(run) if size > OFF_LOOP_CHARS else run()
+
+
+def each_once(payloads: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[int]]:
+    """CREATE_PLAN's payloads: each distinct one once (the plan's transforms are shared objects),
+    and which one each target gets, 1-based."""
+    distinct: list[dict[str, Any]] = []
+    index: dict[int, int] = {}
+    picks = []
+    for payload in payloads:
+        if id(payload) not in index:
+            distinct.append(payload)
+            index[id(payload)] = len(distinct)
+        picks.append(index[id(payload)])
+    return distinct, picks
 
 
 def _text_size(content: ContentItem) -> int:
