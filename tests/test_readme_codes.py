@@ -1,6 +1,6 @@
-"""Review of issue 15: the README's error table against the codes the code raises. Every coded
-DistributionError the code can raise, whether a tool answers it or a job's lastError carries it,
-should be in the README's table with its remediation."""
+"""The README's error table against the codes the code raises: every coded DistributionError the
+code can raise, whether a tool answers it or a job's lastError carries it, is in the table (one was
+missing, found by a review of issue 15)."""
 
 from __future__ import annotations
 

@@ -16,7 +16,14 @@ from queue_worker.worker import Worker
 from tests.fake_x import FakeX
 from tests.helpers import eventually
 from wordclaw_mcp.config import Settings
-from wordclaw_mcp.models import CreateDistributionPlanInput, PlanRef, RegisterTargetInput, UpsertContentItemInput
+from wordclaw_mcp.models import (
+    CreateDistributionPlanInput,
+    PlanRef,
+    RegisterTargetInput,
+    RetryPlanInput,
+    UpsertContentItemInput,
+)
+from wordclaw_mcp.receiver import WebhookReceiver
 from wordclaw_mcp.runtime import Runtime
 from wordclaw_mcp.service import DistributionService
 
@@ -180,3 +187,33 @@ async def test_a_killed_workers_post_is_not_sent_again_but_one_it_never_started_
 
 async def _true(value: object) -> bool:
     return bool(value)
+
+
+async def test_retrying_a_plan_leaves_a_post_that_may_exist_alone_unless_it_is_named(
+    service: DistributionService, worker: Worker, x: FakeX, receiver: WebhookReceiver
+) -> None:
+    """An agent retrying a plan's failed webhook must not post to X again: a job that ended
+    DELIVERY_OUTCOME_UNKNOWN is driven again only when named, once someone checked."""
+    item = await service.upsert_content_item(UpsertContentItemInput(title="Both", body="Body."))
+    hook = await service.register_target(
+        RegisterTargetInput(name="hook", channel_type="webhook", config={"url": receiver.url})
+    )
+    on_x = await service.register_target(
+        RegisterTargetInput(
+            name="x", channel_type="x", config={"baseUrl": x.base_url}, secrets={"accessToken": x.account.token}
+        )
+    )
+    plan = await service.create_distribution_plan(
+        CreateDistributionPlanInput(content_item_id=item.id, target_ids=[hook.id, on_x.id])
+    )
+    receiver.behaviour.status = 400  # refused: fails at once
+    x.account.error_after_posting = 503
+    await worker.run_once()
+    jobs = {job.target_id: job for job in (await service.get_plan(PlanRef(plan_id=plan.id))).jobs}
+    assert jobs[on_x.id].last_error.startswith("DELIVERY_OUTCOME_UNKNOWN") and jobs[hook.id].status == "failed"
+
+    retried = await service.retry_plan(RetryPlanInput(plan_id=plan.id))
+    statuses = {job.target_id: job.status for job in retried.jobs}
+    assert statuses == {hook.id: "queued", on_x.id: "failed"}
+    named = await service.retry_plan(RetryPlanInput(plan_id=plan.id, job_ids=[jobs[on_x.id].id]))
+    assert {job.target_id: job.status for job in named.jobs}[on_x.id] == "queued"

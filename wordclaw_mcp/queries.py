@@ -299,13 +299,17 @@ WHERE id = $1 AND (SELECT count(*) FROM jobs) >= 0
 # on from where they were, so every old receipt stays; the budget is what is added to
 # max_attempts ($4). Jobs of an inactive target are left failed: they could never be claimed.
 # A redrive is someone's word that the job may be sent again (they checked that an outcome
-# unknown did not post), so what an earlier attempt may have sent is forgotten.
+# unknown did not post), so what an earlier attempt may have sent is forgotten. That word is only
+# taken for a job named by id: a redrive of a plan or a target leaves its DELIVERY_OUTCOME_UNKNOWN
+# jobs failed, since an agent retrying a failed webhook must not post to X again.
 REDRIVE_JOBS = """
 WITH failed AS (
     SELECT j.id
     FROM distribution_jobs j JOIN distribution_targets t ON t.id = j.target_id
     WHERE t.active AND j.status = 'failed'
-      AND (j.id = ANY ($1::uuid[]) OR j.plan_id = $2 OR j.target_id = $3)
+      AND (j.id = ANY ($1::uuid[])
+           OR ((j.plan_id = $2 OR j.target_id = $3)
+               AND coalesce(j.last_error, '') NOT LIKE 'DELIVERY_OUTCOME_UNKNOWN%'))
     ORDER BY j.id
     FOR UPDATE OF j
 )

@@ -207,7 +207,8 @@ TOOLS: tuple[ToolSpec, ...] = (
         Plan,
         "distribution:write",
         "Drive a plan's failed jobs again (all of them, or jobIds), each with a fresh attempt budget. "
-        "Earlier receipts are kept. Returns the plan.",
+        "Earlier receipts are kept. A job that ended DELIVERY_OUTCOME_UNKNOWN (it may have posted) is only "
+        "driven again when named in jobIds: check the account first. Returns the plan.",
     ),
     ToolSpec(
         "get_my_entitlements",

@@ -267,7 +267,7 @@ class DistributionService:
             raise errors.DistributionError(
                 "TARGET_INACTIVE",
                 f"Target {inactive[0]} is deactivated.",
-                "Remove it from targetIds or reactivate it.",
+                "Remove it from targetIds; to deliver there again, register the destination as a new target.",
                 inactiveTargetIds=inactive,
             )
         return content, [found[target_id] for target_id in target_ids]
