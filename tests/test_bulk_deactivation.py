@@ -1,5 +1,6 @@
-"""Review of issue 15: the statement-level deactivation trigger when one statement deactivates
-many targets at once (an operator's UPDATE), with plans spanning several of them."""
+"""The statement-level deactivation trigger when one statement deactivates many targets at once
+(an operator's UPDATE), with plans spanning several of them: each queued job fails with its
+target's reason, and the plans' counters stay true."""
 
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
-"""Review of issue 15: the README says that under an excerpt-only grant "no field carries more of
-the item than that [the bound] ... (the attribution line is made from the cut metadata)". The
-attribution line joins two cut metadata values, the author and the license, so the webhook's
-`attribution` (and a feed's `rights`) carries up to twice the bound, plus "By " and " · "."""
+"""Under an excerpt-only grant the attribution line ("By <author> · <license>"), which joins two
+metadata values each cut to the bound, is itself within the bound (it once carried up to twice it,
+found by a review of issue 15)."""
 
 from __future__ import annotations
 

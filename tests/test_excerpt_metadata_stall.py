@@ -1,8 +1,7 @@
-"""Review of issue 15 §5 ("No input stalls the server"): under an excerpt-only grant the service
-cuts every metadata string to the grant's bound (access.entitled_content) on the event loop, not
-in _converting's worker thread and without its deadline. An item whose metadata holds a megabyte
-of short strings (a tag list, say: nothing bounds metadata but its depth) holds the loop for about
-two seconds on a reseller's dry run, during which no other session on the server is answered."""
+"""No input stalls the server: under an excerpt-only grant the service cuts every metadata string
+to the grant's bound (access.entitled_content) off the event loop, as it converts long items. An
+item with a megabyte of short metadata strings once held the loop for about two seconds on a
+reseller's dry run (found by a review of issue 15)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
-"""Review of issue 15: an X attempt that may have posted, recorded after its target was
-deactivated (another job's 410, an operator), ends with lastError TARGET_INACTIVE ("this job will
-not be delivered"), not DELIVERY_OUTCOME_UNKNOWN: the job says nothing was sent while the post may
-exist, and its remediation (check the account) is lost."""
+"""An X attempt that may have posted, recorded after its target was deactivated (another job's
+410, an operator), keeps DELIVERY_OUTCOME_UNKNOWN and its remediation (check the account); it
+once ended TARGET_INACTIVE, "this job will not be delivered", while the post may exist."""
 
 from __future__ import annotations
 

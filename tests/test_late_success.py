@@ -1,5 +1,5 @@
-"""Review of issue 15: a late success arriving after the job was rescued, failed, redriven and
-claimed by a third worker; and a release racing a rescue."""
+"""A late success arriving after the job was rescued, failed, redriven and claimed by a third
+worker; and a release racing a rescue: the claim token decides what moves."""
 
 from __future__ import annotations
 

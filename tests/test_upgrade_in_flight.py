@@ -1,4 +1,5 @@
-"""Review of issue 15: migrations 0013-0015 on a database with posts in flight or queued for a retry.
+"""Migrations 0013-0015 on a database with posts in flight or queued for a retry (found by a review
+of issue 15).
 
 A worker of the earlier release (no MARK_SENDING) is posting to X when the schema is upgraded
 (a rolling deploy: `wordclaw db upgrade`, or the first new process to start, applies it while the
