@@ -1,12 +1,11 @@
-"""Migrations 0013-0015 on a database with posts in flight or queued for a retry (found by a review
-of issue 15).
+"""Migrations 0013-0015 on a database with posts in flight or queued for a retry.
 
 A worker of the earlier release (no MARK_SENDING) is posting to X when the schema is upgraded
 (a rolling deploy: `wordclaw db upgrade`, or the first new process to start, applies it while the
-old workers run), and is then killed. Migration 0013 gives the running job a claim token but
-leaves ``sending_at`` empty, so the new release's rescue takes it for an attempt that never began
-sending and requeues it, and a new worker sends X the post again: the very double post issue 15
-is about. Nothing the new release knows says the old worker had not sent it.
+old workers run), and is then killed. Nothing the new release knows says the old worker had not
+sent it, so 0013 marks such attempts as sending, and the rescue fails them rather than posting
+again. A retry the earlier release queued after an attempt that may have reached the channel
+keeps that date (Mastodon's key lasts an hour from it). Both were found by a review of issue 15.
 """
 
 from __future__ import annotations
